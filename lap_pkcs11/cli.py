@@ -1,0 +1,117 @@
+"""The administrative ``lap-pkcs11`` commands (typer).
+
+This is the only module that imports typer, prints for people or exits. Every
+command takes the signer options of ``lap_pkcs11.options`` (generated, so they
+stay the one definition) and resolves them through ``lap_pkcs11.settings``.
+``sign`` is listed here for ``--help`` only: the console script routes it to the
+lean ``lap_pkcs11.sign_cli`` before typer is imported.
+"""
+
+import inspect
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from lap_pkcs11 import errors, settings
+from lap_pkcs11.options import OPTIONS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Ed25519 signing for the LAP gateway with a key on a PKCS#11 token.")
+
+
+def _signer_parameters():
+    params = []
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        params.append(inspect.Parameter(
+            option.attr, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[str], typer.Option(
+                option.flag, metavar=option.metavar, show_default=False,
+                help=f"{option.help} Env: {', '.join(option.envs)}."
+                     + (f" [default: {option.default}]" if option.default else ""),
+                rich_help_panel="Signer options")]))
+    return params
+
+
+def with_signer_options(function):
+    """Give ``function`` every signer option; it receives them as ``flags`` (attr -> text)."""
+    own = [p for p in inspect.signature(function).parameters.values() if p.name != "flags"]
+    signer = _signer_parameters()
+    names = {p.name for p in signer}
+
+    def command(**kwargs):
+        flags = {k: v for k, v in kwargs.items() if k in names and v is not None}
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return function(flags=flags, **rest)
+
+    command.__signature__ = inspect.Signature(own + signer)
+    command.__annotations__ = {p.name: p.annotation for p in own + signer}
+    command.__name__ = function.__name__
+    command.__doc__ = function.__doc__
+    return command
+
+
+def fail(err):
+    """Print the one error line and exit with the error's code."""
+    typer.echo(err.line(), err=True)
+    raise typer.Exit(err.exit_code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def sign():
+    """Sign stdin with the token key and print the signature (the gateway's SIGNER_CMD).
+
+    Run `lap-pkcs11 sign --help` for its options.
+    """
+    from lap_pkcs11.sign_cli import main as sign_main
+
+    raise typer.Exit(sign_main(sys.argv[2:]))
+
+
+@app.command("config")
+@with_signer_options
+def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Show the resolved configuration and where each value came from."""
+    try:
+        config = settings.load(flags)
+        pin = pin_status(config)
+    except errors.SignerError as err:
+        fail(err)
+    rows = [(option.attr, getattr(config, option.attr), config.sources[option.attr])
+            for option in OPTIONS]
+    if as_json:
+        typer.echo(json.dumps({"options": {attr: {"value": value, "source": source}
+                                           for attr, value, source in rows},
+                               "pin": pin}, indent=2))
+        return
+    width = max(len(attr) for attr, _, _ in rows)
+    for attr, value, source in rows:
+        shown = "-" if value is None else str(value)
+        typer.echo(f"{attr:<{width}}  {shown:<40}  {source}")
+    typer.echo(f"{'pin':<{width}}  {pin['state']:<40}  {pin['source']}")
+
+
+def pin_status(config):
+    """Whether a PIN is set and where it comes from; never the PIN itself."""
+    import os
+
+    if config.pin_file is not None:
+        return {"state": "set" if os.path.isfile(config.pin_file) else "unset",
+                "source": f"file:{config.pin_file}"}
+    env = config.child_environment(dict(os.environ))
+    name = config.pin_env
+    origin = "env" if os.environ.get(name) else "env-file" if config.file_env.get(name) else "none"
+    return {"state": "set" if env.get(name) else "unset", "source": f"{origin}:{name}"}
+
+
+def run():
+    """Entry point for every command but ``sign``."""
+    try:
+        app(prog_name="lap-pkcs11")
+    except SystemExit as done:
+        return done.code
+    return 0

@@ -1,0 +1,152 @@
+"""The one definition of every signer option.
+
+Each ``Option`` names its attribute, its command-line flag, the environment
+variables that set it (looked up in order, first in the real environment, then in
+the env file), its default, its parser and its help text. The lean ``sign``
+command, the pydantic-settings model of the administrative commands, the README
+table and ``.env.pkcs11.example`` are all derived from ``OPTIONS``; a test checks
+that the two resolvers agree.
+
+This module is on the per-signature path: it imports nothing.
+"""
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _text(value):
+    if "\0" in value or "\n" in value:
+        raise ValueError("must be one line of text")
+    return value
+
+
+def _hex_bytes(value):
+    text = value.lower().replace(":", "")
+    if not text or len(text) % 2 or not _HEX.issuperset(text):
+        raise ValueError("must be an even number of hex digits, e.g. 01 or a1b2")
+    return text
+
+
+def _public_key_hex(value):
+    text = value.strip().lower()
+    if len(text) != 64 or not _HEX.issuperset(text):
+        raise ValueError("must be 64 hex characters (a 32-byte Ed25519 public key)")
+    return text
+
+
+def _unsigned(value):
+    text = value.strip()
+    base = 16 if text.lower().startswith("0x") else 10
+    try:
+        number = int(text, base)
+    except ValueError:
+        raise ValueError("must be a non-negative whole number") from None
+    if number < 0:
+        raise ValueError("must be a non-negative whole number")
+    return number
+
+
+def _timeout_ms(value):
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ValueError("must be a whole number of milliseconds") from None
+    if not 1 <= number <= 600000:
+        raise ValueError("must be between 1 and 600000 milliseconds")
+    return number
+
+
+def _seconds(value):
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 < number < 86400:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _env_name(value):
+    if not value or not (value[0].isalpha() or value[0] == "_") or not all(
+        c.isalnum() or c == "_" for c in value
+    ) or not value.isascii():
+        raise ValueError("must be an environment variable name such as PKCS11_PIN")
+    return value
+
+
+def _mechanism(value):
+    text = value.strip().upper()
+    if not text or not all(c.isalnum() or c in "_-" for c in text) or not text.isascii():
+        raise ValueError("must be a pkcs11-tool mechanism name such as EDDSA")
+    return text
+
+
+def _choice(*choices):
+    def parse(value):
+        text = value.strip().lower()
+        if text not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text
+
+    parse.choices = choices
+    return parse
+
+
+class Option:
+    """One configuration option: flag, environment variables, default and parser."""
+
+    __slots__ = ("attr", "flag", "envs", "default", "parse", "metavar", "help")
+
+    def __init__(self, attr, flag, envs, default, parse, metavar, help):
+        self.attr = attr
+        self.flag = flag
+        self.envs = envs
+        self.default = default
+        self.parse = parse
+        self.metavar = metavar
+        self.help = help
+
+
+OPTIONS = (
+    Option("module", "--module", ("LAP_PKCS11_MODULE",), None, _text, "PATH",
+           "PKCS#11 module (.so) of the token. Required."),
+    Option("slot", "--slot", ("LAP_PKCS11_SLOT",), None, _unsigned, "ID",
+           "Select the token by slot id."),
+    Option("slot_index", "--slot-index", ("LAP_PKCS11_SLOT_INDEX",), None, _unsigned, "N",
+           "Select the token by slot index (counting from 0)."),
+    Option("token_label", "--token-label", ("LAP_PKCS11_TOKEN_LABEL",), None, _text, "LABEL",
+           "Select the token by label (stable; SoftHSM slot ids are not)."),
+    Option("key_id", "--key-id", ("LAP_PKCS11_KEY_ID",), None, _hex_bytes, "HEX",
+           "Select the private key by CKA_ID."),
+    Option("key_label", "--key-label", ("LAP_PKCS11_KEY_LABEL",), None, _text, "LABEL",
+           "Select the private key by CKA_LABEL (resolved to its CKA_ID first)."),
+    Option("mechanism", "--mechanism", ("LAP_PKCS11_MECHANISM",), "EDDSA", _mechanism, "M",
+           "pkcs11-tool signing mechanism."),
+    Option("pin_env", "--pin-env", ("LAP_PKCS11_PIN_ENV",), "PKCS11_PIN", _env_name, "NAME",
+           "Name of the environment variable that holds the user PIN."),
+    Option("pin_file", "--pin-file", ("LAP_PKCS11_PIN_FILE",), None, _text, "PATH",
+           "File whose first line is the user PIN (e.g. a systemd credential)."),
+    Option("input", "--input", ("LAP_PKCS11_INPUT",), "raw", _choice("raw", "base64"), "raw|base64",
+           "Encoding of stdin: raw message bytes, or base64 as the LAP gateway sends."),
+    Option("output", "--output", ("LAP_PKCS11_OUTPUT", "SIGNER_OUTPUT"), "base64",
+           _choice("base64", "hex", "raw"), "base64|hex|raw",
+           "Encoding of the signature on stdout; base64 and hex end with a newline."),
+    Option("timeout_ms", "--timeout-ms", ("LAP_PKCS11_TIMEOUT_MS", "SIGNER_TIMEOUT_MS"), "1500",
+           _timeout_ms, "N", "Hard deadline for the whole command, in milliseconds."),
+    Option("env_file", "--env-file", ("LAP_PKCS11_ENV_FILE",), None, _text, "PATH",
+           "dotenv file (default: .env.pkcs11 when it exists); the real environment wins."),
+    Option("pkcs11_tool", "--pkcs11-tool", ("LAP_PKCS11_TOOL",), "pkcs11-tool", _text, "PATH",
+           "The pkcs11-tool program (default: found on PATH)."),
+    Option("expect_public_key", "--expect-public-key",
+           ("LAP_PKCS11_EXPECT_PUBLIC_KEY", "LAP_GATEWAY_PUBLIC_KEY_HEX"), None, _public_key_hex,
+           "HEX", "Pinned Ed25519 public key: every signature is verified against it before release."),
+    Option("lock_dir", "--lock-dir", ("LAP_PKCS11_LOCK_DIR",), None, _text, "PATH",
+           "Directory for the per-module lock that serialises token access "
+           "(default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR, then /tmp); 'none' turns it off."),
+    Option("caller_timeout", None, ("SIGNER_TIMEOUT_SECONDS",), None, _seconds, "SECONDS",
+           "The gateway's own deadline (inherited); the signer finishes before it."),
+)
+
+BY_FLAG = {option.flag: option for option in OPTIONS if option.flag}
+BY_ATTR = {option.attr: option for option in OPTIONS}
+
+DEFAULT_ENV_FILE = ".env.pkcs11"

@@ -1,0 +1,153 @@
+"""``lap-pkcs11 sign``: the per-signature command the LAP gateway runs as SIGNER_CMD.
+
+It parses its flags by the one option table, reads the message from stdin, signs
+it and prints only the encoded signature on stdout. On any failure stdout stays
+empty and stderr gets one ``lap-pkcs11: NAME: ...`` line; the exit code is the
+error's. It deliberately imports neither typer nor pydantic (each signature is a
+new process, and those imports alone cost many times a signature).
+"""
+
+import binascii
+import os
+import sys
+import time
+
+from lap_pkcs11 import config as configuration
+from lap_pkcs11 import errors
+from lap_pkcs11.options import BY_FLAG, OPTIONS
+from lap_pkcs11.signer import MAX_MESSAGE, sign
+
+# Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
+# beyond this is refused unread, so a huge stdin costs neither time nor memory.
+MAX_BASE64 = 4 * ((MAX_MESSAGE + 2) // 3)
+READ_LIMIT = MAX_BASE64 + 4096
+_WHITESPACE = b" \t\r\n\v\f"
+
+
+def usage():
+    """The help text, derived from the option table."""
+    lines = ["Usage: lap-pkcs11 sign [OPTIONS] < message > signature", "",
+             "Sign stdin with an Ed25519 key on a PKCS#11 token; print the signature.", "",
+             "Options:"]
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        default = f" [default: {option.default}]" if option.default else ""
+        lines.append(f"  {option.flag} {option.metavar}")
+        lines.append(f"      {option.help} Env: {', '.join(option.envs)}.{default}")
+    lines += ["  --debug", "      Show a traceback on internal errors.", "  -h, --help",
+              "      Show this message and exit."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(args):
+    """Map ``args`` to {attr: raw text}; return (flags, debug, help)."""
+    flags, debug, want_help = {}, False, False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            want_help = True
+            continue
+        if arg == "--debug":
+            debug = True
+            continue
+        name, eq, value = arg.partition("=")
+        option = BY_FLAG.get(name)
+        if option is None:
+            what = "option" if arg.startswith("-") else "argument"
+            raise errors.ConfigInvalid(f"unknown {what} {name!r}; see lap-pkcs11 sign --help")
+        if not eq:
+            if i >= len(args):
+                raise errors.ConfigInvalid(f"{name} needs a value ({option.metavar})")
+            value = args[i]
+            i += 1
+        if option.attr in flags:
+            raise errors.ConfigInvalid(f"{name} is given twice; keep one")
+        flags[option.attr] = value
+    return flags, debug, want_help
+
+
+def read_stdin(limit):
+    """Up to ``limit`` + 1 bytes of stdin (one more tells that it was too long)."""
+    chunks, size = [], 0
+    while size <= limit:
+        try:
+            chunk = os.read(0, limit + 1 - size)
+        except OSError as err:
+            raise errors.InputInvalid(f"stdin cannot be read ({err.strerror})") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def read_message(encoding):
+    """The message to sign, decoded from stdin by ``encoding`` (raw or base64)."""
+    if encoding == "raw":
+        data = read_stdin(MAX_MESSAGE)
+        if len(data) > MAX_MESSAGE:
+            raise errors.MessageTooLarge(f"the message is over {MAX_MESSAGE} bytes; "
+                                         "pkcs11-tool cannot sign longer EdDSA input")
+        return data
+    data = read_stdin(READ_LIMIT)
+    if len(data) > READ_LIMIT:
+        raise errors.MessageTooLarge(f"the message is over {MAX_MESSAGE} bytes; "
+                                     "pkcs11-tool cannot sign longer EdDSA input")
+    text = data.strip(_WHITESPACE)
+    try:
+        message = binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        message = None
+    # Canonical only: unused bits must be zero, as every encoder writes them.
+    if message is None or binascii.b2a_base64(message, newline=False) != text:
+        raise errors.InputInvalid("stdin is not strict base64 (standard alphabet, padded); "
+                                  "with --input base64 send base64(message) and a newline")
+    return message
+
+
+def encode(signature, encoding):
+    if encoding == "base64":
+        return binascii.b2a_base64(signature)
+    if encoding == "hex":
+        return signature.hex().encode() + b"\n"
+    return signature
+
+
+def write_stdout(data):
+    try:
+        while data:
+            data = data[os.write(1, data):]
+    except OSError as err:
+        raise errors.SigningFailed(f"stdout cannot be written ({err.strerror})") from None
+
+
+def main(args, started=None):
+    """Run ``sign`` with ``args``; return the exit code."""
+    started = time.monotonic() if started is None else started
+    debug = "--debug" in args
+    try:
+        flags, debug, want_help = parse_args(args)
+        if want_help:
+            sys.stderr.write(usage())
+            return 0
+        environ = dict(os.environ)
+        config = configuration.resolve(flags, environ)
+        deadline = started + config.deadline_ms() / 1000
+        message = read_message(config.input)
+        signature = sign(config, message, environ, deadline)
+        write_stdout(encode(signature, config.output))
+        return 0
+    except errors.SignerError as err:
+        sys.stderr.write(err.line() + "\n")
+        return err.exit_code
+    except Exception as err:  # A bug must still fail closed, in one line.
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(errors.SigningFailed(
+            f"internal error ({type(err).__name__}); rerun with --debug and report it").line() + "\n")
+        return errors.SigningFailed.exit_code

@@ -1,0 +1,188 @@
+"""Sign one message with the configured token key, through pkcs11-tool.
+
+``sign`` is the whole per-signature path after configuration: it checks the
+message, finds the PIN, takes the per-module lock, resolves a key label to its
+CKA_ID, runs pkcs11-tool, checks the result is a 64-byte signature and, when a
+public key is pinned, verifies the signature against it before returning it.
+
+This module is on the per-signature path: it imports only what Python has built in.
+"""
+
+import fcntl
+import os
+import time
+import zlib
+
+from lap_pkcs11 import errors, tool
+
+# pkcs11-tool reads at most 1025 bytes with one read() and falls back to
+# multi-part signing beyond 1024, which EdDSA tokens refuse.
+MAX_MESSAGE = 1024
+LOCK_POLL_SECONDS = 0.002
+
+
+class Secret:
+    """A PIN that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def reveal(self):
+        return self._value
+
+    def __repr__(self):
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+def check_message(message):
+    if not message:
+        raise errors.InputInvalid("the message is empty; the gateway never signs an empty message")
+    if len(message) > MAX_MESSAGE:
+        raise errors.MessageTooLarge(
+            f"the message is over {MAX_MESSAGE} bytes; pkcs11-tool cannot sign longer EdDSA input")
+
+
+def read_pin(config, env):
+    """Put the PIN into ``env`` under ``config.pin_env``; return that name.
+
+    The PIN comes from exactly one place: the variable named by ``--pin-env``
+    (real environment or env file) or the first line of ``--pin-file``.
+    """
+    name = config.pin_env
+    if config.pin_file is not None:
+        if config.sources.get("pin_env") != "default":
+            raise errors.ConfigInvalid("both --pin-file and --pin-env are set; keep only one")
+        if name in env:
+            raise errors.ConfigInvalid(
+                f"the PIN is given twice: in {name} and in --pin-file; remove one")
+        try:
+            with open(config.pin_file, "rb") as handle:
+                first = handle.read(4096).split(b"\n", 1)[0].rstrip(b"\r")
+        except OSError as err:
+            raise errors.ConfigInvalid(
+                f"PIN file {config.pin_file} cannot be read ({err.strerror}); "
+                "fix --pin-file or its permissions") from None
+        try:
+            pin = Secret(first.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise errors.ConfigInvalid(f"PIN file {config.pin_file} is not UTF-8 text") from None
+        if not pin.reveal():
+            raise errors.PinMissing(f"PIN file {config.pin_file} is empty; write the user PIN in it")
+        env[name] = pin.reveal()
+        return name
+    if name not in env:
+        raise errors.PinMissing(f"no PIN: set {name} or give --pin-file")
+    if not env[name]:
+        raise errors.PinMissing(f"no PIN: {name} is empty")
+    return name
+
+
+def lock_path(config, environ):
+    """The lock file that serialises token access through this module, or None."""
+    folder = config.lock_dir
+    if folder == "none":
+        return None
+    if folder is None:
+        folder = environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
+            environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    scope = f"{os.path.realpath(config.module)}\0{environ.get('SOFTHSM2_CONF', '')}"
+    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{zlib.crc32(scope.encode()):08x}.lock")
+
+
+def acquire_lock(path, deadline):
+    """Open and flock ``path`` (ours alone, never through a symlink) before ``deadline``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise errors.ConfigInvalid(
+            f"lock file {path} cannot be opened ({err.strerror}); "
+            "set --lock-dir to a private directory") from None
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise errors.ConfigInvalid(
+            f"lock file {path} belongs to another user; set --lock-dir to a private directory")
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise errors.Timeout("the token stayed busy with other signatures until the "
+                                     "deadline; raise --timeout-ms or lower concurrency") from None
+            time.sleep(LOCK_POLL_SECONDS)
+
+
+def parse_private_keys(listing):
+    """(label, id) of each private key in a ``--list-objects --type privkey`` listing."""
+    keys, current = [], None
+    for line in listing.splitlines():
+        if line.startswith("Private Key Object"):
+            current = {"label": None, "id": None}
+            keys.append(current)
+        elif current is not None and line.startswith("  "):
+            field, _, value = line.strip().partition(":")
+            if field in ("label", "ID"):
+                current[field.lower()] = value.strip()
+        else:
+            current = None
+    return [(key["label"], key["id"]) for key in keys]
+
+
+def resolve_key_id(config, tool_path, env, pin_env, deadline):
+    """The CKA_ID to sign with: the configured id, or the id of the one key with the label."""
+    if config.key_id is not None:
+        return config.key_id
+    result = tool.run(tool.list_keys_argv(tool_path, config, pin_env), env, deadline)
+    if result.status != 0:
+        raise tool.classify(result)
+    ids = {key_id for label, key_id in parse_private_keys(result.stdout.decode("utf-8", "replace"))
+           if label == config.key_label}
+    if not ids:
+        raise errors.KeyNotFound(f"no private key labelled {config.key_label!r} on the token; "
+                                 "check --key-label (lap-pkcs11 doctor)")
+    if len(ids) > 1 or None in ids:
+        raise errors.KeyNotFound(f"the label {config.key_label!r} is not unique on the token; "
+                                 "select the key with --key-id")
+    return ids.pop()
+
+
+def sign(config, message, environ, deadline):
+    """The 64-byte Ed25519 signature of ``message``, or a SignerError."""
+    check_message(message)
+    env = config.child_environment(environ)
+    pin_env = read_pin(config, env)
+    if not os.path.isfile(config.module):
+        raise errors.ModuleLoadFailed(f"PKCS#11 module {config.module} does not exist; fix --module")
+    tool_path = tool.find_program(config.pkcs11_tool, env)
+    if tool_path is None:
+        raise errors.ToolNotFound(f"{config.pkcs11_tool} not found; install OpenSC "
+                                  "(apt-get install opensc) or set --pkcs11-tool")
+    path = lock_path(config, environ)
+    lock = acquire_lock(path, deadline) if path else None
+    try:
+        key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
+        result = tool.run(tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"),
+                          env, deadline, stdin_data=message)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    if result.status != 0:
+        raise tool.classify(result)
+    signature = result.stdout
+    if len(signature) != 64:
+        raise errors.SigningFailed(f"pkcs11-tool printed {len(signature)} bytes, not a "
+                                   "64-byte Ed25519 signature; check --mechanism and the key")
+    if config.expect_public_key is not None:
+        from lap_pkcs11 import ed25519
+
+        if not ed25519.is_valid(bytes.fromhex(config.expect_public_key), message, signature):
+            raise errors.KeyMismatch(
+                "the signature does not verify under the pinned public key "
+                f"{config.expect_public_key[:16]}...; the token key is not the one the gateway "
+                "trusts (check slot, token and key id, or the pinned key)")
+    return signature

@@ -1,0 +1,212 @@
+"""The one place that runs pkcs11-tool.
+
+``sign_argv`` and ``list_keys_argv`` build argument vectors (pure functions, and
+never with the PIN in them: it travels as ``--pin env:NAME``). ``run`` starts the
+tool with no shell, in a new session (so it has no terminal to prompt on and its
+whole process group can be killed), under ``setpriv --pdeathsig KILL`` (so it dies
+with us even when we are SIGKILLed), with the message in an anonymous memory file
+and its stdout and stderr in two more, and waits for it against a deadline.
+``classify`` turns the tool's stderr into a typed error.
+
+This module is on the per-signature path: it imports only what Python has built in.
+"""
+
+import os
+import select
+import time
+
+from lap_pkcs11 import errors
+
+# What we read back of the tool's stdout and stderr at most.
+OUTPUT_LIMIT = 1 << 16
+SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
+
+
+class Result:
+    """What pkcs11-tool did: exit status, stdout bytes, stderr text."""
+
+    __slots__ = ("status", "stdout", "stderr")
+
+    def __init__(self, status, stdout, stderr):
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def _selector_args(config):
+    args = ["--module", config.module]
+    if config.slot is not None:
+        args += ["--slot", str(config.slot)]
+    elif config.slot_index is not None:
+        args += ["--slot-index", str(config.slot_index)]
+    elif config.token_label is not None:
+        args += ["--token-label", config.token_label]
+    return args
+
+
+def sign_argv(tool, config, key_id, pin_env, input_path):
+    """The pkcs11-tool argv that signs ``input_path`` with the key ``key_id``."""
+    return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
+            "--sign", "--mechanism", config.mechanism, "--id", key_id,
+            "--input-file", input_path]
+
+
+def list_keys_argv(tool, config, pin_env):
+    """The pkcs11-tool argv that lists the token's private keys (after login)."""
+    return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
+            "--list-objects", "--type", "privkey"]
+
+
+def find_program(name, environ):
+    """The absolute path of ``name`` (searched on PATH when it has no slash), or None."""
+    if "/" in name:
+        return name if os.access(name, os.X_OK) and os.path.isfile(name) else None
+    for folder in environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(folder or ".", name)
+        if os.access(path, os.X_OK) and os.path.isfile(path):
+            return path
+    return None
+
+
+def setpriv_path():
+    """util-linux's setpriv, which arms the parent-death signal before exec."""
+    for path in SETPRIV_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    raise errors.ToolNotFound("setpriv (util-linux) is missing; install util-linux")
+
+
+def memory_file(name, data=b""):
+    """An anonymous in-memory file holding ``data``: nothing of it ever reaches a disk."""
+    fd = os.memfd_create(name)
+    if data:
+        os.write(fd, data)
+    return fd
+
+
+def run(argv, env, deadline, stdin_data=None):
+    """Run ``argv`` until it exits or the monotonic ``deadline`` passes.
+
+    ``stdin_data`` (bytes) is exposed to the tool as ``/dev/fd/3``, a regular file,
+    so one ``read()`` sees all of it. On the deadline the tool's whole process
+    group is killed and reaped, and ``errors.Timeout`` is raised.
+    """
+    fds = [memory_file("stdout"), memory_file("stderr")]
+    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[1], 2)]
+    if stdin_data is not None:
+        fds.append(memory_file("message", stdin_data))
+        actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
+    try:
+        spawn_argv = [setpriv_path(), "--pdeathsig", "KILL", "--", *argv]
+        pid = os.posix_spawn(spawn_argv[0], spawn_argv, env, file_actions=actions, setsid=True)
+        try:
+            status = _wait(pid, deadline)
+        except BaseException:
+            _kill_group(pid)
+            raise
+        stdout = os.pread(fds[0], OUTPUT_LIMIT, 0)
+        stderr = os.pread(fds[1], OUTPUT_LIMIT, 0).decode("utf-8", "replace")
+        return Result(status, stdout, stderr)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _wait(pid, deadline):
+    pidfd = os.pidfd_open(pid)
+    try:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([pidfd], [], [], remaining)[0]:
+            raise errors.Timeout("pkcs11-tool did not finish before the deadline; "
+                                 "check the token, pcscd and --timeout-ms")
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    # Whatever the tool left behind in its process group goes with it.
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        pass
+    return os.waitstatus_to_exitcode(status)
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+# Stable CKR_* names and OpenSC phrases, matched in order against stderr.
+_CLASSES = (
+    ("Failed to load pkcs11 module", errors.ModuleLoadFailed,
+     "the PKCS#11 module cannot be loaded; check --module and the module's own configuration"),
+    ("sc_dlopen failed", errors.ModuleLoadFailed,
+     "the PKCS#11 module cannot be loaded; check --module"),
+    ("C_Initialize failed", errors.ModuleLoadFailed,
+     "the PKCS#11 module failed to initialise; check its configuration (e.g. SOFTHSM2_CONF)"),
+    ("CKR_PIN_INCORRECT", errors.PinIncorrect,
+     "the token rejected the PIN; fix the PIN (real tokens lock after a few wrong tries)"),
+    ("CKR_PIN_LEN_RANGE", errors.PinIncorrect,
+     "the token rejected the PIN's length; fix the PIN"),
+    ("CKR_PIN_LOCKED", errors.PinLocked,
+     "the user PIN is locked; unlock it with the SO PIN"),
+    ("CKR_PIN_EXPIRED", errors.PinLocked,
+     "the user PIN has expired; set a new one"),
+    ("No slot with token named", errors.TokenNotFound,
+     "no token with that label; check --token-label (pkcs11-tool --list-slots)"),
+    ("CKR_SLOT_ID_INVALID", errors.TokenNotFound,
+     "no such slot; check --slot (pkcs11-tool --list-slots)"),
+    ("CKR_TOKEN_NOT_PRESENT", errors.TokenNotFound,
+     "no token in that slot; insert it or fix the slot"),
+    ("is not available", errors.TokenNotFound,
+     "no token at that slot index; check --slot-index (pkcs11-tool --list-slots)"),
+    ("No slot with id", errors.TokenNotFound,
+     "no such slot; check --slot (pkcs11-tool --list-slots)"),
+    ("No slots", errors.TokenNotFound,
+     "the module sees no slots; check the token is present and initialised"),
+    ("No slot", errors.TokenNotFound,
+     "no usable token; check the token selector (pkcs11-tool --list-slots)"),
+    ("key not found", errors.KeyNotFound,
+     "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)"),
+    ("CKR_MECHANISM_INVALID", errors.MechanismUnsupported,
+     "the token cannot do this mechanism; check --mechanism and the key type"),
+    ("CKR_KEY_TYPE_INCONSISTENT", errors.MechanismUnsupported,
+     "the key's type does not fit the mechanism; use an Ed25519 key with EDDSA"),
+    ("CKR_KEY_FUNCTION_NOT_PERMITTED", errors.MechanismUnsupported,
+     "the key may not sign (CKA_SIGN is false); use a signing key"),
+    ("CKR_OPERATION_NOT_INITIALIZED", errors.MechanismUnsupported,
+     "the token refused to sign with this mechanism and key; check --mechanism and the key type"),
+    ("Unknown PKCS11 mechanism", errors.MechanismUnsupported,
+     "pkcs11-tool does not know this mechanism; use EDDSA"),
+    ("mechanism not supported", errors.MechanismUnsupported,
+     "the token does not support this mechanism"),
+)
+
+
+def classify(result):
+    """The typed error for a failed pkcs11-tool run, from its stderr's stable parts."""
+    text = result.stderr
+    for needle, cls, advice in _CLASSES:
+        if needle in text:
+            return cls(advice)
+    if result.status == 127:
+        return errors.ToolNotFound("pkcs11-tool could not be started; check --pkcs11-tool")
+    if result.status < 0:
+        return errors.SigningFailed(f"pkcs11-tool died of signal {-result.status}")
+    detail = _last_line(text)
+    return errors.SigningFailed(f"pkcs11-tool exited {result.status}" +
+                                (f": {detail}" if detail else ""))
+
+
+def _last_line(text):
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and line != "Aborting.":
+            return line[:200]
+    return ""
