@@ -1,0 +1,186 @@
+"""Fixtures: a throwaway SoftHSM2 token per test, and the signer implementations.
+
+Every token lives in the test's own temporary directory with its own
+SOFTHSM2_CONF, so tests never share state. The tools are required: when
+softhsm2 or opensc is missing or broken the tests fail, they do not skip.
+"""
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_TOOL = ROOT / "tests" / "fakes" / "fake-pkcs11-tool"
+SHELL_SIGNER = ROOT / "scripts" / "pkcs11_signer.sh"
+MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so",
+                     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                     "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
+USER_PIN = "246813"
+SO_PIN = "97531864"
+TOKEN_LABEL = "lap-test"
+
+# Variables of the outer environment that would change what a signer does.
+_LEAKY = re.compile(r"^(LAP_|SIGNER_|PKCS11|SOFTHSM2_CONF$|OPENSC|XDG_RUNTIME_DIR$|RUNTIME_DIRECTORY$)")
+
+
+def softhsm_module():
+    for path in MODULE_CANDIDATES:
+        if os.path.exists(path):
+            return path
+    raise AssertionError("SoftHSM2 module not found: apt-get install softhsm2")
+
+
+def require(program):
+    path = shutil.which(program)
+    assert path, f"{program} not found: apt-get install opensc softhsm2"
+    return path
+
+
+def run_checked(argv, env, **kwargs):
+    result = subprocess.run(argv, env=env, capture_output=True, **kwargs)
+    assert result.returncode == 0, f"{argv[0]} failed: {result.stderr.decode(errors='replace')}"
+    return result
+
+
+def clean_environment(home):
+    env = {key: value for key, value in os.environ.items() if not _LEAKY.match(key)}
+    env["XDG_RUNTIME_DIR"] = str(home / "run")
+    (home / "run").mkdir(exist_ok=True, mode=0o700)
+    return env
+
+
+class Token:
+    """A SoftHSM2 token in its own directory, with helpers to put keys on it."""
+
+    def __init__(self, home, label=TOKEN_LABEL):
+        self.home = home
+        self.label = label
+        self.module = softhsm_module()
+        self.dir = home / "tokens"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = home / "softhsm2.conf"
+        self.conf.write_text(f"directories.tokendir = {self.dir}\nobjectstore.backend = file\n"
+                             "log.level = ERROR\nslots.removable = false\n")
+        self.env = clean_environment(home)
+        self.env["SOFTHSM2_CONF"] = str(self.conf)
+        self.env["PKCS11_PIN"] = USER_PIN
+        run_checked([require("softhsm2-util"), "--init-token", "--free", "--label", label,
+                     "--so-pin", SO_PIN, "--pin", USER_PIN], self.env)
+
+    def tool(self, *args, stdin=None):
+        """Run the real pkcs11-tool against this token, logged in."""
+        argv = [require("pkcs11-tool"), "--module", self.module, "--token-label", self.label,
+                "--login", "--pin", "env:PKCS11_PIN", *args]
+        return run_checked(argv, self.env, input=stdin)
+
+    def keygen(self, key_id="01", label="lap-key"):
+        """Generate an Ed25519 key pair on the token; return its public key bytes."""
+        self.tool("--keypairgen", "--key-type", "EC:edwards25519", "--id", key_id,
+                  "--label", label)
+        return self.public_key(key_id)
+
+    def import_seed(self, seed, key_id, label):
+        """Import an Ed25519 seed as a PKCS#8 PEM (how RFC 8032 keys reach the token)."""
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        pem = self.home / f"import-{key_id}.pem"
+        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        run_checked([require("softhsm2-util"), "--import", str(pem), "--token", self.label,
+                     "--id", key_id, "--label", label, "--pin", USER_PIN], self.env)
+        pem.unlink()
+        return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                             serialization.PublicFormat.Raw)
+
+    def public_key(self, key_id):
+        """The 32-byte public key with this CKA_ID, read from the token's listing."""
+        # pkcs11-tool 0.23 ignores --id when listing, so pick the object here.
+        listing = self.tool("--list-objects", "--type", "pubkey").stdout.decode()
+        for block in listing.split("Public Key Object")[1:]:
+            if re.search(rf"^\s+ID:\s+{key_id}$", block, re.M):
+                raw = bytes.fromhex(re.search(r"EC_POINT:\s+([0-9a-f]+)", block).group(1))
+                return raw[2:] if len(raw) == 34 and raw[:2] == b"\x04\x20" else raw
+        raise AssertionError(f"no public key with id {key_id} on the token")
+
+    def slot_id(self):
+        """The token's current slot id (SoftHSM picks a new one at every init)."""
+        listing = run_checked([require("pkcs11-tool"), "--module", self.module, "--list-slots"],
+                              self.env).stdout.decode()
+        return int(re.search(r"^Slot 0 \((0x[0-9a-f]+)\)", listing, re.M).group(1), 16)
+
+    def args(self, key_id="01"):
+        return ["--module", self.module, "--token-label", self.label, "--key-id", key_id]
+
+
+class Signer:
+    """One implementation of the signer contract, run as the gateway runs it."""
+
+    def __init__(self, name, argv):
+        self.name = name
+        self.argv = argv
+
+    def __call__(self, args, data=b"", env=None, cwd=None, timeout=60, stdin=None):
+        feed = {"stdin": stdin} if stdin is not None else {"input": data}
+        return subprocess.run([*self.argv, *args], env=env, cwd=cwd, capture_output=True,
+                              timeout=timeout, **feed)
+
+    def __repr__(self):
+        return self.name
+
+
+def python_signer():
+    exe = Path(sys.executable).parent / "lap-pkcs11"
+    assert exe.exists(), "lap-pkcs11 is not installed in this venv: pip install -e '.[test]'"
+    return Signer("python", [str(exe), "sign"])
+
+
+IMPLEMENTATIONS = {"python": python_signer}
+if SHELL_SIGNER.exists():
+    IMPLEMENTATIONS["shell"] = lambda: Signer("shell", ["bash", str(SHELL_SIGNER)])
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def signer(request):
+    return IMPLEMENTATIONS[request.param]()
+
+
+@pytest.fixture
+def token(tmp_path):
+    return Token(tmp_path)
+
+
+@pytest.fixture
+def keyed(token):
+    """A token with one generated Ed25519 key (id 01); returns (token, public key)."""
+    return token, token.keygen()
+
+
+def verify(public_key, message, signature):
+    """Independent Ed25519 verification; raises InvalidSignature on a bad signature."""
+    Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+
+
+def gateway_decode(stdout):
+    """Decode stdout exactly as the LAP gateway does."""
+    signature = base64.b64decode(stdout.decode("utf-8").strip(), validate=True)
+    assert len(signature) == 64
+    return signature
+
+
+def assert_failure(result, name, code, pin=USER_PIN):
+    """The failure contract: exit code, one stderr line with the name, empty stdout, no PIN."""
+    stderr = result.stderr.decode(errors="replace")
+    assert result.stdout == b"", f"stdout not empty: {result.stdout!r}"
+    assert result.returncode == code, f"exit {result.returncode}, stderr: {stderr}"
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got: {stderr!r}"
+    assert lines[0].startswith(f"lap-pkcs11: {name}: "), lines[0]
+    assert pin not in stderr

@@ -1,0 +1,210 @@
+"""Every error name of the sign contract: exit code, one stderr line, empty stdout, no PIN.
+
+Real token and real pkcs11-tool wherever a real token can produce the failure;
+the FAKE pkcs11-tool (tests/fakes/fake-pkcs11-tool) only for a hang, a crash,
+garbage output and a locked PIN, which SoftHSM2 cannot produce on demand.
+"""
+
+import os
+
+import pytest
+
+from conftest import FAKE_TOOL, USER_PIN, assert_failure
+
+MESSAGE = b"\x00\x01lap capability token\x00"
+
+
+def alive(pid):
+    """Whether ``pid`` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def fake(token, mode, record=None):
+    env = dict(token.env, FAKE_MODE=mode)
+    if record is not None:
+        env["FAKE_RECORD"] = str(record)
+    return env, [*token.args(), "--pkcs11-tool", str(FAKE_TOOL)]
+
+
+@pytest.mark.parametrize("args", [
+    [],                                                       # no module
+    ["--key-id", "01"],                                       # still no module
+    ["--module", "M"],                                        # no key
+    ["--module", "M", "--key-id", "01", "--key-label", "k"],  # both keys
+    ["--module", "M", "--key-id", "01", "--slot", "1", "--token-label", "t"],
+    ["--module", "M", "--key-id", "0g"],
+    ["--module", "M", "--key-id", "012"],
+    ["--module", "M", "--key-id", "01", "--slot-index", "-1"],
+    ["--module", "M", "--key-id", "01", "--input", "hex"],
+    ["--module", "M", "--key-id", "01", "--output", "pem"],
+    ["--module", "M", "--key-id", "01", "--timeout-ms", "0"],
+    ["--module", "M", "--key-id", "01", "--timeout-ms", "soon"],
+    ["--module", "M", "--key-id", "01", "--pin-env", "1BAD"],
+    ["--module", "M", "--key-id", "01", "--expect-public-key", "abcd"],
+    ["--module", "M", "--key-id", "01", "--no-such-flag"],
+    ["--module", "M", "--key-id", "01", "stray"],
+    ["--module", "M", "--key-id", "01", "--key-id", "02"],
+    ["--module"],
+], ids=lambda a: " ".join(a) or "nothing")
+def test_bad_options_are_config_invalid(signer, keyed, args):
+    token, _ = keyed
+    args = [token.module if a == "M" else a for a in args]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "CONFIG_INVALID", 64)
+
+
+def test_bad_environment_value_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    env = dict(token.env, LAP_PKCS11_TIMEOUT_MS="-5")
+    result = signer(token.args(), MESSAGE, env=env, cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+    assert b"LAP_PKCS11_TIMEOUT_MS" in result.stderr
+
+
+@pytest.mark.parametrize("content", ["LAP_PKCS11_KEY_ID 01\n", "LAP_PKCS11_KEY_ID='01\n",
+                                     "KEY=${HOME}/x\n", "1KEY=1\n"])
+def test_malformed_env_file_is_config_invalid(signer, keyed, content):
+    token, _ = keyed
+    env_file = token.home / "bad.env"
+    env_file.write_text(content)
+    result = signer([*token.args(), "--env-file", str(env_file)], MESSAGE, env=token.env,
+                    cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_missing_env_file_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    result = signer([*token.args(), "--env-file", str(token.home / "absent.env")], MESSAGE,
+                    env=token.env, cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_unreadable_pin_file_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    result = signer([*token.args(), "--pin-file", str(token.home / "absent")], MESSAGE, env=env,
+                    cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_pin_given_twice_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    pin_file = token.home / "pin"
+    pin_file.write_text(USER_PIN)
+    result = signer([*token.args(), "--pin-file", str(pin_file)], MESSAGE, env=token.env,
+                    cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_caller_deadline_too_short_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    env = dict(token.env, SIGNER_TIMEOUT_SECONDS="0.2")
+    assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home), "CONFIG_INVALID", 64)
+
+
+def test_missing_pkcs11_tool_is_tool_not_found(signer, keyed):
+    token, _ = keyed
+    for tool in ("/nonexistent/pkcs11-tool", "no-such-pkcs11-tool"):
+        result = signer([*token.args(), "--pkcs11-tool", tool], MESSAGE, env=token.env,
+                        cwd=token.home)
+        assert_failure(result, "TOOL_NOT_FOUND", 69)
+
+
+@pytest.mark.parametrize("module", ["/nonexistent/libpkcs11.so", "/bin/true"])
+def test_unloadable_module_is_module_load_failed(signer, keyed, module):
+    token, _ = keyed
+    args = ["--module", module, "--token-label", token.label, "--key-id", "01"]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home),
+                   "MODULE_LOAD_FAILED", 69)
+
+
+def test_broken_module_configuration_is_module_load_failed(signer, keyed):
+    token, _ = keyed
+    env = dict(token.env, SOFTHSM2_CONF=str(token.home / "absent.conf"))
+    assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home),
+                   "MODULE_LOAD_FAILED", 69)
+
+
+@pytest.mark.parametrize("selector", [["--token-label", "no-such-token"], ["--slot", "4242"],
+                                      ["--slot-index", "7"]])
+def test_missing_token_is_token_not_found(signer, keyed, selector):
+    token, _ = keyed
+    args = ["--module", token.module, *selector, "--key-id", "01"]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "TOKEN_NOT_FOUND", 69)
+
+
+def test_missing_key_is_key_not_found(signer, keyed):
+    token, _ = keyed
+    assert_failure(signer(token.args("99"), MESSAGE, env=token.env, cwd=token.home),
+                   "KEY_NOT_FOUND", 69)
+
+
+@pytest.mark.parametrize("mechanism", ["ECDSA", "ECDSA-SHA256", "RSA-PKCS", "NO-SUCH-MECH"])
+def test_mechanism_the_key_cannot_do_is_unsupported(signer, keyed, mechanism):
+    token, _ = keyed
+    result = signer([*token.args(), "--mechanism", mechanism], MESSAGE, env=token.env,
+                    cwd=token.home)
+    assert_failure(result, "MECHANISM_UNSUPPORTED", 69)
+
+
+def test_missing_pin_is_pin_missing(signer, keyed):
+    token, _ = keyed
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home), "PIN_MISSING", 77)
+    env["PKCS11_PIN"] = ""
+    assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home), "PIN_MISSING", 77)
+    pin_file = token.home / "pin"
+    pin_file.write_text("\n")
+    del env["PKCS11_PIN"]
+    assert_failure(signer([*token.args(), "--pin-file", str(pin_file)], MESSAGE, env=env,
+                          cwd=token.home), "PIN_MISSING", 77)
+
+
+def test_wrong_pin_is_pin_incorrect(signer, keyed):
+    token, _ = keyed
+    env = dict(token.env, PKCS11_PIN="000000")
+    assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home), "PIN_INCORRECT", 77,
+                   pin="000000")
+
+
+def test_locked_pin_is_pin_locked(signer, keyed):
+    """FAKE tool: SoftHSM2 never locks a PIN."""
+    token, _ = keyed
+    env, args = fake(token, "pin-locked")
+    assert_failure(signer(args, MESSAGE, env=env, cwd=token.home), "PIN_LOCKED", 77)
+
+
+@pytest.mark.parametrize("mode", ["garbage", "short", "crash", "unknown-failure"])
+def test_bad_tool_result_is_signing_failed(signer, keyed, mode):
+    """FAKE tool: garbage, a short signature, a crash, an unknown CKR_ error."""
+    token, _ = keyed
+    env, args = fake(token, mode)
+    assert_failure(signer(args, MESSAGE, env=env, cwd=token.home), "SIGNING_FAILED", 70)
+
+
+def test_hung_tool_is_timeout_and_its_whole_tree_dies(signer, keyed):
+    """FAKE tool: a hang, with a grandchild in its process group."""
+    token, _ = keyed
+    record = token.home / "record"
+    env, args = fake(token, "hang", record)
+    result = signer([*args, "--timeout-ms", "700"], MESSAGE, env=env, cwd=token.home)
+    assert_failure(result, "TIMEOUT", 75)
+    pids = [int(line.split("=")[1]) for line in record.read_text().splitlines()
+            if line.startswith(("pid=", "child="))]
+    assert len(pids) == 2
+    for pid in pids:
+        assert not alive(pid), f"process {pid} outlived the signer"
+
+
+def test_timeout_falls_before_the_gateway_kills_us(signer, keyed):
+    """The gateway kills at SIGNER_TIMEOUT_SECONDS; the signer must answer TIMEOUT first."""
+    token, _ = keyed
+    env, args = fake(token, "hang")
+    env["SIGNER_TIMEOUT_SECONDS"] = "1.2"
+    # A gateway-style call: subprocess.run(timeout=...) raises if we are still running.
+    result = signer([*args, "--timeout-ms", "60000"], MESSAGE, env=env, cwd=token.home,
+                    timeout=1.2)
+    assert_failure(result, "TIMEOUT", 75)
