@@ -15,8 +15,10 @@ except ImportError:  # Python 3.12 renamed the built-in module.
 
 _P = 2**255 - 19
 _L = 2**252 + 27742317777372353535851937790883648493
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+# RFC 8032 Table 1 constants as literals (deriving them costs a millisecond at
+# every start); a unit test derives them again and compares.
+_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
 
 
 def _add(p, q):
@@ -54,8 +56,9 @@ def _decompress(data):
     return (x, y, 1, x * y % _P)
 
 
-_GY = 4 * pow(5, _P - 2, _P) % _P
-_G = (_recover_x(_GY, 0), _GY, 1, _recover_x(_GY, 0) * _GY % _P)
+_GX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_GY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
+_G = (_GX, _GY, 1, _GX * _GY % _P)
 
 
 def _double_mul(s, p, t, q):

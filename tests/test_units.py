@@ -142,3 +142,11 @@ def test_pure_ed25519_rejects_malformed_input():
         32, "little")
     assert not ed25519.is_valid(public, b"", big_s)
     assert not ed25519.is_valid(b"\xff" * 32, b"", signature)
+
+
+def test_ed25519_constants_are_rfc8032_table_1():
+    p = 2**255 - 19
+    assert ed25519._D == -121665 * pow(121666, p - 2, p) % p
+    assert ed25519._SQRT_M1 == pow(2, (p - 1) // 4, p)
+    assert ed25519._GY == 4 * pow(5, p - 2, p) % p
+    assert ed25519._GX == ed25519._recover_x(ed25519._GY, 0)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Benchmark: lap-pkcs11 sign against bare pkcs11-tool, interleaved, on a SoftHSM2 token.
+
+Usage: .venv/bin/python benchmarks/sign_bench.py [--rounds N] [--size BYTES]
+
+Makes a throwaway SoftHSM2 token with one Ed25519 key, then runs every variant
+once per round, in turn, so that load changes hit all variants alike. Each call
+is timed from spawn to exit, the way the LAP gateway times it (subprocess with
+stdin and stdout pipes). Prints p50 and p95 in milliseconds and the p50 ratio
+to bare pkcs11-tool (the floor). Nothing here is asserted: it prints numbers.
+"""
+
+import argparse
+import base64
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+           "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
+PIN = "246813"
+LABEL = "lap-bench"
+
+
+def provision(home):
+    module = next(path for path in MODULES if os.path.exists(path))
+    (home / "tokens").mkdir()
+    conf = home / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\n")
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf), PKCS11_PIN=PIN,
+               XDG_RUNTIME_DIR=str(home))
+    for name in ("LAP_GATEWAY_PUBLIC_KEY_HEX", "SIGNER_TIMEOUT_SECONDS"):
+        env.pop(name, None)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--so-pin",
+                    "97531864", "--pin", PIN], env=env, check=True, capture_output=True)
+    tool = ["pkcs11-tool", "--module", module, "--token-label", LABEL, "--login", "--pin",
+            "env:PKCS11_PIN"]
+    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "01",
+                    "--label", "bench"], env=env, check=True, capture_output=True)
+    listing = subprocess.run([*tool, "--list-objects", "--type", "pubkey"], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    point = listing.split("EC_POINT:", 1)[1].split()[0]
+    return module, env, tool, point[-64:]
+
+
+def variants(module, env, tool, public_hex, message_file, bin_dir):
+    """name -> (argv, stdin bytes, environment)."""
+    message = message_file.read_bytes()
+    gateway_stdin = base64.b64encode(message) + b"\n"
+    sign = [str(bin_dir / "lap-pkcs11"), "sign", "--module", module, "--token-label", LABEL,
+            "--key-id", "01"]
+    rows = {
+        "bare pkcs11-tool --sign": (
+            [*tool, "--sign", "--mechanism", "EDDSA", "--id", "01", "--input-file",
+             str(message_file)], b"", env),
+        "lap-pkcs11 sign --input base64": ([*sign, "--input", "base64"], gateway_stdin, env),
+        "  + pinned key check": ([*sign, "--input", "base64"], gateway_stdin,
+                                 dict(env, LAP_GATEWAY_PUBLIC_KEY_HEX=public_hex)),
+    }
+    script = ROOT / "scripts" / "pkcs11_signer.sh"
+    if script.exists():
+        rows["scripts/pkcs11_signer.sh --input base64"] = (
+            [str(script), "--module", module, "--token-label", LABEL, "--key-id", "01",
+             "--input", "base64"], gateway_stdin, env)
+    return rows
+
+
+def timed(argv, stdin, env):
+    start = time.perf_counter()
+    proc = subprocess.run(argv, input=stdin, env=env, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{argv[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--size", type=int, default=700, help="message size in bytes")
+    args = parser.parse_args()
+    if not shutil.which("pkcs11-tool") or not shutil.which("softhsm2-util"):
+        sys.exit("needs pkcs11-tool and softhsm2-util: apt-get install opensc softhsm2")
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="lap-bench-") as folder:
+        home = Path(folder)
+        module, env, tool, public_hex = provision(home)
+        message_file = home / "message"
+        message_file.write_bytes(os.urandom(args.size))
+        rows = variants(module, env, tool, public_hex, message_file, bin_dir)
+        for argv, stdin, row_env in rows.values():  # warm caches once, untimed
+            timed(argv, stdin, row_env)
+        samples = {name: [] for name in rows}
+        for _ in range(args.rounds):
+            for name, (argv, stdin, row_env) in rows.items():
+                samples[name].append(timed(argv, stdin, row_env) * 1000)
+    floor = statistics.median(samples["bare pkcs11-tool --sign"])
+    print(f"{args.rounds} rounds, {args.size}-byte message, interleaved; "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    print(f"| {'variant':<42} | {'p50 ms':>7} | {'p95 ms':>7} | {'p50 ratio':>9} |")
+    print(f"|{'-' * 44}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
+    for name, values in samples.items():
+        values.sort()
+        p50 = statistics.median(values)
+        p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+        print(f"| {name:<42} | {p50:7.1f} | {p95:7.1f} | {p50 / floor:8.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
