@@ -69,6 +69,27 @@ def parse_args(args):
     return flags, debug, want_help
 
 
+# Variables that only the LAP gateway's environment holds: when the signer
+# inherits one, it was started by the gateway, which always sends base64.
+GATEWAY_MARKERS = ("LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_KEYSET_JSON", "LAP_GATEWAY_KEYSET_FILE")
+
+
+def check_gateway_input(config, environ):
+    """Refuse the silent misconfiguration: the gateway's base64 signed as raw bytes.
+
+    Signing the base64 text instead of the message yields a valid signature over
+    the wrong bytes, which nothing notices until an offline audit.
+    """
+    if config.sources["input"] != "default":
+        return
+    started_by_gateway = environ.get("SIGNER_MODE") == "external" or any(
+        environ.get(name) for name in GATEWAY_MARKERS)
+    if started_by_gateway:
+        raise errors.ConfigInvalid(
+            "started by the LAP gateway, which sends base64(message), but --input is not set; "
+            "add --input base64 to SIGNER_CMD (or set --input raw explicitly)")
+
+
 def read_stdin(limit):
     """Up to ``limit`` + 1 bytes of stdin (one more tells that it was too long)."""
     chunks, size = [], 0
@@ -131,10 +152,11 @@ def main(args, started=None):
     try:
         flags, debug, want_help = parse_args(args)
         if want_help:
-            sys.stderr.write(usage())
+            sys.stdout.write(usage())
             return 0
         environ = dict(os.environ)
         config = configuration.resolve(flags, environ)
+        check_gateway_input(config, environ)
         deadline = started + config.deadline_ms() / 1000
         message = read_message(config.input)
         signature = sign(config, message, environ, deadline)

@@ -56,7 +56,7 @@ def read_pin(config, env):
     if config.pin_file is not None:
         if config.sources.get("pin_env") != "default":
             raise errors.ConfigInvalid("both --pin-file and --pin-env are set; keep only one")
-        if name in env:
+        if env.get(name):
             raise errors.ConfigInvalid(
                 f"the PIN is given twice: in {name} and in --pin-file; remove one")
         try:

@@ -208,3 +208,22 @@ def test_timeout_falls_before_the_gateway_kills_us(signer, keyed):
     result = signer([*args, "--timeout-ms", "60000"], MESSAGE, env=env, cwd=token.home,
                     timeout=1.2)
     assert_failure(result, "TIMEOUT", 75)
+
+
+@pytest.mark.parametrize("marker", [("SIGNER_MODE", "external"),
+                                    ("LAP_GATEWAY_SIGNING_CMD", "lap-pkcs11 sign")])
+def test_gateway_without_input_base64_is_config_invalid(signer, keyed, marker):
+    """Signing the gateway's base64 text as raw bytes would pass every check but the audit."""
+    token, public = keyed
+    env = dict(token.env, **{marker[0]: marker[1]})
+    stdin = b"aGVsbG8=\n"
+    assert_failure(signer(token.args(), stdin, env=env, cwd=token.home), "CONFIG_INVALID", 64)
+    explicit = signer([*token.args(), "--input", "raw"], stdin, env=env, cwd=token.home)
+    assert explicit.returncode == 0, explicit.stderr
+
+
+def test_help_goes_to_stdout_and_names_every_flag(signer):
+    result = signer(["--help"])
+    assert result.returncode == 0
+    for flag in ("--module", "--key-id", "--input", "--expect-public-key", "--pin-file"):
+        assert flag.encode() in result.stdout
