@@ -43,13 +43,13 @@ class Config:
     def deadline_ms(self):
         """The effective deadline: our own, capped by the caller's less a margin."""
         deadline = self.timeout_ms
-        if self.caller_timeout is not None:
-            caller_ms = int(self.caller_timeout * 1000) - CALLER_MARGIN_MS
+        if self.caller_timeout_ms is not None:
+            caller_ms = self.caller_timeout_ms - CALLER_MARGIN_MS
             if caller_ms < MIN_DEADLINE_MS:
                 raise ConfigInvalid(
-                    f"SIGNER_TIMEOUT_SECONDS={self.caller_timeout:g} leaves less than "
-                    f"{MIN_DEADLINE_MS} ms after the {CALLER_MARGIN_MS} ms start-up margin; "
-                    "give the gateway's signer a longer timeout")
+                    f"SIGNER_TIMEOUT_SECONDS leaves less than {MIN_DEADLINE_MS} ms after the "
+                    f"{CALLER_MARGIN_MS} ms start-up margin; give the gateway's signer a longer "
+                    "timeout")
             deadline = min(deadline, caller_ms)
         return deadline
 

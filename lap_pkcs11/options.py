@@ -33,36 +33,36 @@ def _public_key_hex(value):
     return text
 
 
+def _digits(text):
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def _unsigned(value):
     text = value.strip()
-    base = 16 if text.lower().startswith("0x") else 10
-    try:
-        number = int(text, base)
-    except ValueError:
-        raise ValueError("must be a non-negative whole number") from None
-    if number < 0:
-        raise ValueError("must be a non-negative whole number")
-    return number
+    if text[:2].lower() == "0x" and text[2:] and _HEX.issuperset(text[2:].lower()):
+        return int(text[2:], 16)
+    if not _digits(text):
+        raise ValueError("must be a non-negative whole number (decimal, or hex with 0x)")
+    return int(text)
 
 
 def _timeout_ms(value):
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError("must be a whole number of milliseconds") from None
-    if not 1 <= number <= 600000:
-        raise ValueError("must be between 1 and 600000 milliseconds")
-    return number
+    text = value.strip()
+    if not _digits(text) or not 1 <= int(text) <= 600000:
+        raise ValueError("must be a whole number of milliseconds from 1 to 600000")
+    return int(text)
 
 
-def _seconds(value):
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not 0 < number < 86400:
-        raise ValueError("must be a positive number of seconds")
-    return number
+def _seconds_as_ms(value):
+    """Seconds as written (e.g. 2 or 1.5) to whole milliseconds, without float rounding."""
+    whole, dot, fraction = value.strip().partition(".")
+    if not (whole or fraction) or (whole and not _digits(whole)) or (
+            fraction and not _digits(fraction)) or (dot and not fraction and not whole):
+        raise ValueError("must be a number of seconds such as 2 or 1.5")
+    ms = int(whole or "0") * 1000 + int((fraction + "000")[:3])
+    if not 0 < ms < 86400000:
+        raise ValueError("must be more than 0 and less than 86400 seconds")
+    return ms
 
 
 def _env_name(value):
@@ -142,7 +142,7 @@ OPTIONS = (
     Option("lock_dir", "--lock-dir", ("LAP_PKCS11_LOCK_DIR",), None, _text, "PATH",
            "Directory for the per-module lock that serialises token access "
            "(default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR, then /tmp); 'none' turns it off."),
-    Option("caller_timeout", None, ("SIGNER_TIMEOUT_SECONDS",), None, _seconds, "SECONDS",
+    Option("caller_timeout_ms", None, ("SIGNER_TIMEOUT_SECONDS",), None, _seconds_as_ms, "SECONDS",
            "The gateway's own deadline (inherited); the signer finishes before it."),
 )
 

@@ -11,7 +11,11 @@ This module is on the per-signature path: it imports only what Python has built 
 import fcntl
 import os
 import time
-import zlib
+
+try:
+    from _sha256 import sha256
+except ImportError:  # Python 3.12 renamed the built-in module.
+    from hashlib import sha256
 
 from lap_pkcs11 import errors, tool
 
@@ -81,16 +85,23 @@ def read_pin(config, env):
     return name
 
 
-def lock_path(config, environ):
-    """The lock file that serialises token access through this module, or None."""
+def lock_path(config, env):
+    """The lock file that serialises token access through this module, or None.
+
+    One lock per module file and SoftHSM2 configuration (``env`` is pkcs11-tool's
+    environment): SoftHSM2 rewrites token files at every login, and a concurrent
+    reader of the same token store then sees no token. The name is shared with
+    the shell mirror, so both serialise against each other.
+    """
     folder = config.lock_dir
     if folder == "none":
         return None
     if folder is None:
-        folder = environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
-            environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    scope = f"{os.path.realpath(config.module)}\0{environ.get('SOFTHSM2_CONF', '')}"
-    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{zlib.crc32(scope.encode()):08x}.lock")
+        folder = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
+            env.get("XDG_RUNTIME_DIR") or "/tmp"
+    scope = f"{os.path.realpath(config.module)}\n{env.get('SOFTHSM2_CONF', '')}"
+    digest = sha256(scope.encode()).hexdigest()[:16]
+    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{digest}.lock")
 
 
 def acquire_lock(path, deadline):
@@ -162,7 +173,7 @@ def sign(config, message, environ, deadline):
     if tool_path is None:
         raise errors.ToolNotFound(f"{config.pkcs11_tool} not found; install OpenSC "
                                   "(apt-get install opensc) or set --pkcs11-tool")
-    path = lock_path(config, environ)
+    path = lock_path(config, env)
     lock = acquire_lock(path, deadline) if path else None
     try:
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)

@@ -11,7 +11,7 @@ from lap_pkcs11.options import OPTIONS
 # Candidate raw values per option: valid ones and a few invalid ones.
 VALUES = {
     "module": ["/usr/lib/softhsm/libsofthsm2.so", "/opt/vendor/p11.so"],
-    "slot": ["0", "7", "0x1f", "-1", "x"],
+    "slot": ["0", "7", "0x1f", "-1", "x", "+3", "1_0", " 4 "],
     "slot_index": ["0", "2", "z"],
     "token_label": ["lap", "my token"],
     "key_id": ["01", "A1:B2", "0g", "abc"],
@@ -21,11 +21,11 @@ VALUES = {
     "pin_file": ["/run/credentials/pin"],
     "input": ["raw", "base64", "BASE64", "hex"],
     "output": ["base64", "hex", "raw", "pem"],
-    "timeout_ms": ["1500", "20", "0", "many"],
+    "timeout_ms": ["1500", "20", "0", "many", "600001", "+20"],
     "pkcs11_tool": ["pkcs11-tool", "/usr/bin/pkcs11-tool"],
     "expect_public_key": ["ab" * 32, "AB" * 32, "ab"],
     "lock_dir": ["/run/lap", "none"],
-    "caller_timeout": ["2.0", "0.5", "-1", "soon"],
+    "caller_timeout_ms": ["2.0", "0.5", "1.001", ".5", "3", "-1", "soon", "1e3", "."],
 }
 SETTABLE = [o for o in OPTIONS if o.attr in VALUES]
 
