@@ -12,11 +12,6 @@ import fcntl
 import os
 import time
 
-try:
-    from _sha256 import sha256
-except ImportError:  # Python 3.12 renamed the built-in module.
-    from hashlib import sha256
-
 from lap_pkcs11 import errors, tool
 
 # pkcs11-tool reads at most 1025 bytes with one read() and falls back to
@@ -99,9 +94,11 @@ def lock_path(config, env):
     if folder is None:
         folder = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
             env.get("XDG_RUNTIME_DIR") or "/tmp"
-    scope = f"{os.path.realpath(config.module)}\n{env.get('SOFTHSM2_CONF', '')}"
-    digest = sha256(scope.encode()).hexdigest()[:16]
-    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{digest}.lock")
+    scope = f"{config.module}\n{env.get('SOFTHSM2_CONF', '')}".encode()
+    digest = 0xCBF29CE484222325  # FNV-1a 64: cheap here and in bash arithmetic alike
+    for byte in scope:
+        digest = ((digest ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{digest:016x}.lock")
 
 
 def acquire_lock(path, deadline):
