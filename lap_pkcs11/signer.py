@@ -18,6 +18,9 @@ from lap_pkcs11 import errors, tool
 # multi-part signing beyond 1024, which EdDSA tokens refuse.
 MAX_MESSAGE = 1024
 LOCK_POLL_SECONDS = 0.002
+# Lock names keep [A-Za-z0-9._-] and make every other byte "_", as the shell mirror does.
+_LOCK_NAME_BYTES = {byte: "_" for byte in range(256)
+                    if not (chr(byte).isascii() and (chr(byte).isalnum() or chr(byte) in "._-"))}
 
 
 class Secret:
@@ -83,10 +86,10 @@ def read_pin(config, env):
 def lock_path(config, env):
     """The lock file that serialises token access through this module, or None.
 
-    One lock per module file and SoftHSM2 configuration (``env`` is pkcs11-tool's
+    One lock per module path and SoftHSM2 configuration (``env`` is pkcs11-tool's
     environment): SoftHSM2 rewrites token files at every login, and a concurrent
-    reader of the same token store then sees no token. The name is shared with
-    the shell mirror, so both serialise against each other.
+    reader of the same token store then sees no token. The name is built the same
+    way by the shell mirror, so both serialise against each other.
     """
     folder = config.lock_dir
     if folder == "none":
@@ -95,10 +98,8 @@ def lock_path(config, env):
         folder = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
             env.get("XDG_RUNTIME_DIR") or "/tmp"
     scope = f"{config.module}\n{env.get('SOFTHSM2_CONF', '')}".encode()
-    digest = 0xCBF29CE484222325  # FNV-1a 64: cheap here and in bash arithmetic alike
-    for byte in scope:
-        digest = ((digest ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{digest:016x}.lock")
+    name = scope.decode("latin-1").translate(_LOCK_NAME_BYTES)[:160]
+    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{name}.lock")
 
 
 def acquire_lock(path, deadline):

@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/bash
 # Usage: pkcs11_signer.sh [OPTIONS] < message > signature
 #
 # The shell mirror of `lap-pkcs11 sign`, for hosts with only bash, coreutils,
@@ -87,7 +87,8 @@ trim() {  # trim VAR: strip surrounding whitespace in place
 parse_args() {
   local entry attr flag arg name value
   for entry in "${OPTION_TABLE[@]}"; do
-    IFS='|' read -r attr flag _ <<< "$entry"
+    attr=${entry%%|*} flag=${entry#*|}
+    flag=${flag%%|*}
     [[ -n $flag ]] && FLAG_ATTR[$flag]=$attr
   done
   while (($#)); do
@@ -263,7 +264,9 @@ resolve() {
   [[ -n $path || ${SRC[env_file]} != unset ]] && load_env_file "$path"
   VAL[env_file]=$path
   for entry in "${OPTION_TABLE[@]}"; do
-    IFS='|' read -r attr flag names default <<< "$entry"
+    attr=${entry%%|*} entry=${entry#*|}
+    flag=${entry%%|*} entry=${entry#*|}
+    names=${entry%%|*} default=${entry#*|}
     [[ $attr == env_file ]] && continue
     found=""
     if [[ -v FLAGS[$attr] ]]; then
@@ -326,33 +329,19 @@ remaining() {
   printf -v REPLY '%d.%06d' $((left / 1000000)) $((left % 1000000))
 }
 
-# Anonymous files: created exclusively (noclobber), opened, then unlinked at once
-# by one rm, so nothing they will hold (message, signature) can stay on disk.
+# Anonymous files: bash writes a here-string at compatibility level 5.0 to a
+# temporary file that it unlinks at once and keeps open, so what they will hold
+# (message, signature) never has a name on disk. /dev/fd/N reopens them.
 open_scratch_files() {
-  local dir=/dev/shm paths=() name
-  [[ -d $dir && -w $dir ]] || dir=${TMPDIR:-/tmp}
-  umask 077
-  set -C
-  for name in MSG_FD SIG_FD ERR_FD; do
-    local path="" try
-    for try in 1 2 3 4 5 6 7 8; do
-      path=$dir/.lap-pkcs11.$$.$SRANDOM$try
-      # shellcheck disable=SC2261 # the redirection only creates and opens the file
-      if { exec {fd}>"$path"; } 2>/dev/null; then break; fi
-      path=""
-    done
-    [[ -n $path ]] || { set +C; rm -f -- "${paths[@]}"; fail SIGNING_FAILED "cannot create a scratch file in $dir"; }
-    printf -v "$name" '%d' "$fd"
-    paths+=("$path")
-  done
-  set +C
-  rm -f -- "${paths[@]}"
+  local BASH_COMPAT=50 TMPDIR=${TMPDIR:-/tmp}
+  [[ -d /dev/shm && -w /dev/shm ]] && TMPDIR=/dev/shm
+  exec {MSG_FD}<<< "" {SIG_FD}<<< "" {ERR_FD}<<< ""
 }
 
 # The message on stdin, decoded into the scratch file MSG_FD.
 read_message() {
   if [[ ${VAL[input]} == raw ]]; then
-    head -c $((MAX_MESSAGE + 1)) >&"$MSG_FD"
+    head -c $((MAX_MESSAGE + 1)) > "/dev/fd/$MSG_FD"
     local size
     size=$(stat -L -c %s "/dev/fd/$MSG_FD")
     ((size <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
@@ -386,7 +375,9 @@ read_message() {
   [[ $text == *== ]] && size=$((size - 1))
   ((size > 0)) || fail INPUT_INVALID "the message is empty; the gateway never signs an empty message"
   ((size <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
-  base64 -d <<< "$text" >&"$MSG_FD"
+  # Decoding runs beside the lock wait; main waits for it before signing.
+  base64 -d <<< "$text" > "/dev/fd/$MSG_FD" &
+  DECODER=$!
 }
 
 # The child environment: env file variables under the real environment, PIN set.
@@ -426,17 +417,17 @@ find_tool() {
   fail TOOL_NOT_FOUND "$tool not found; install OpenSC (apt-get install opensc) or set --pkcs11-tool"
 }
 
-# FNV-1a 64 of "module\nSOFTHSM2_CONF": the lock name lap_pkcs11/signer.py uses too.
+# The lock file name: "module\nSOFTHSM2_CONF" with every byte outside
+# [A-Za-z0-9._-] made "_", cut to 160 bytes; lap_pkcs11/signer.py builds the same.
 lock_name() {
-  local scope="${VAL[module]}"$'\n'"${SOFTHSM2_CONF-}" hash=-3750763034362895579 i v
-  for ((i = 0; i < ${#scope}; i++)); do
-    printf -v v '%d' "'${scope:i:1}"
-    hash=$(((hash ^ (v & 255)) * 1099511628211))
-  done
-  printf -v REPLY 'lap-pkcs11-%d-%016x.lock' "$EUID" "$hash"
+  local scope="${VAL[module]}"$'\n'"${SOFTHSM2_CONF-}"
+  scope=${scope//[^A-Za-z0-9._-]/_}
+  REPLY="lap-pkcs11-$EUID-${scope:0:160}.lock"
 }
 
-take_lock() {
+# start_lock: open the lock file and start waiting for it in the background
+# (flock under setpriv, so it dies with us); main collects it with await_lock.
+start_lock() {
   local dir=${VAL[lock_dir]-}
   [[ $dir == none ]] && return 0
   if [[ -z $dir ]]; then
@@ -450,9 +441,14 @@ take_lock() {
   { exec {LOCK_FD}<>"$path"; } 2>/dev/null \
     || fail CONFIG_INVALID "lock file $path cannot be opened; set --lock-dir to a private directory"
   [[ -O $path ]] || fail CONFIG_INVALID "lock file $path belongs to another user; set --lock-dir to a private directory"
-  remaining || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
-  flock -w "$REPLY" "$LOCK_FD" \
-    || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
+  remaining || fail TIMEOUT "the deadline passed before the token could be locked; raise --timeout-ms"
+  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" &
+  LOCKER=$!
+}
+
+await_lock() {
+  [[ -n ${LOCKER-} ]] || return 0
+  wait "$LOCKER" || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
 }
 
 selector_args() {
@@ -463,21 +459,29 @@ selector_args() {
   fi
 }
 
-# run_tool OUT_FD ARGS...: pkcs11-tool in its own session, dying with us, against
-# the deadline; its stdout goes to OUT_FD and its stderr to ERR_FD. Sets STATUS.
+# run_tool OUT ARGS...: pkcs11-tool in its own session, dying with us, against
+# the deadline; its stderr goes to ERR_FD and its stdout to /dev/fd/OUT, or, when
+# OUT is "base64", through base64 (which runs while the tool does) into SIG_FD.
+# Sets STATUS.
 run_tool() {
-  local out_fd=$1 pid watch
+  local out=$1 pid watch encoder="" rc
   shift
+  if [[ $out == base64 ]]; then
+    exec {out}> >(exec base64 -w0 > "/dev/fd/$SIG_FD")
+    encoder=$!
+  else
+    exec {out}> "/dev/fd/$out"
+  fi
   # The process substitution becomes pkcs11-tool (exec, no fork): setpriv arms
   # the parent-death signal, setsid gives it a session of its own (no terminal,
   # its own process group), and its copy of the pipe (fd 9) closes when it exits.
   exec {watch}< <(
     [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
     exec setpriv --pdeathsig KILL -- setsid -- "$TOOL" "$@" \
-      9>&1 </dev/null >"/dev/fd/$out_fd" 2>"/dev/fd/$ERR_FD"
+      9>&1 </dev/null >&"$out" 2>"/dev/fd/$ERR_FD"
   )
   pid=$!
-  local rc=0
+  exec {out}>&-
   while remaining; do
     rc=0
     IFS= read -r -t "$REPLY" -u "$watch" _ || rc=$?
@@ -486,6 +490,7 @@ run_tool() {
       STATUS=0
       { wait "$pid"; } 2>/dev/null || STATUS=$?
       exec {watch}<&-
+      [[ -z $encoder ]] || wait "$encoder"
       return 0
     fi
     break
@@ -563,28 +568,34 @@ resolve_key_id() {
   KEY_ID=$unique
 }
 
-# read_bytes FD: the bytes of /dev/fd/FD (at most 65) as decimal numbers in BYTES.
-read_bytes() {
-  local chunk i v nul
+# decode_signature B64: the 64 bytes of an 88-character base64 signature, as
+# decimal numbers in BYTES.
+decode_signature() {
+  local text=${1%==} i j n c prefix
   BYTES=()
-  while ((${#BYTES[@]} <= 64)); do
-    if IFS= read -r -d '' chunk; then nul=1; else nul=""; fi
-    for ((i = 0; i < ${#chunk}; i++)); do
-      printf -v v '%d' "'${chunk:i:1}"
-      BYTES+=($((v & 255)))
+  for ((i = 0; i < 84; i += 4)); do
+    n=0
+    for ((j = 0; j < 4; j++)); do
+      c=${text:i+j:1}
+      prefix=${B64%%"$c"*}
+      n=$((n << 6 | ${#prefix}))
     done
-    [[ -n $nul ]] || break
-    BYTES+=(0)
-  done < "/dev/fd/$1"
+    BYTES+=($((n >> 16 & 255)) $((n >> 8 & 255)) $((n & 255)))
+  done
+  prefix=${B64%%"${text:84:1}"*}
+  n=$((${#prefix} << 6))
+  prefix=${B64%%"${text:85:1}"*}
+  n=$((n | ${#prefix}))
+  BYTES+=($((n >> 4 & 255)))
 }
 
-# bytes_base64 START COUNT: base64 of BYTES[START..] into REPLY.
+# bytes_base64 COUNT: base64 of BYTES[0..COUNT) into REPLY.
 bytes_base64() {
-  local i=$1 end=$(($1 + $2)) out="" n
+  local i=0 end=$1 out="" n
   while ((i + 3 <= end)); do
     n=$((BYTES[i] << 16 | BYTES[i + 1] << 8 | BYTES[i + 2]))
     out+=${B64:n >> 18 & 63:1}${B64:n >> 12 & 63:1}${B64:n >> 6 & 63:1}${B64:n & 63:1}
-    ((i += 3))
+    i=$((i + 3))
   done
   if ((end - i == 1)); then
     n=$((BYTES[i] << 16))
@@ -596,7 +607,17 @@ bytes_base64() {
   REPLY=$out
 }
 
-# The pinned-key check: openssl verifies the signature with the pinned key.
+# check_signature B64: the tool printed exactly 64 bytes (88 base64 characters).
+check_signature() {
+  local text=$1 size
+  [[ ${#text} == 88 && $text == *== ]] && return 0
+  size=$((${#text} * 3 / 4))
+  [[ $text == *= ]] && size=$((size - 1))
+  [[ $text == *== ]] && size=$((size - 1))
+  fail SIGNING_FAILED "pkcs11-tool printed $size bytes, not a 64-byte Ed25519 signature; check --mechanism and the key"
+}
+
+# check_pinned_key B64: openssl verifies the signature with the pinned key.
 check_pinned_key() {
   [[ -v VAL[expect_public_key] ]] || return 0
   local key=${VAL[expect_public_key]} i pem
@@ -604,21 +625,24 @@ check_pinned_key() {
   # SubjectPublicKeyInfo of an Ed25519 key: a fixed 12-byte header, then the key.
   for i in 48 42 48 5 6 3 43 101 112 3 33 0; do BYTES+=("$i"); done
   for ((i = 0; i < 64; i += 2)); do BYTES+=($((16#${key:i:2}))); done
-  bytes_base64 0 44
+  bytes_base64 44
   pem=$'-----BEGIN PUBLIC KEY-----\n'$REPLY$'\n-----END PUBLIC KEY-----'
   if ! openssl pkeyutl -verify -pubin -inkey /dev/stdin -rawin -in "/dev/fd/$MSG_FD" \
-      -sigfile "/dev/fd/$SIG_FD" <<< "$pem" >/dev/null 2>&1; then
+      -sigfile <(base64 -d <<< "$1") <<< "$pem" >/dev/null 2>&1; then
     fail KEY_MISMATCH "the signature does not verify under the pinned public key ${key:0:16}...; the token key is not the one the gateway trusts (check slot, token and key id, or the pinned key)"
   fi
 }
 
+# write_signature B64: the signature in the configured encoding on stdout.
 write_signature() {
   local i out=""
   case ${VAL[output]} in
-    base64) bytes_base64 0 64; printf '%s\n' "$REPLY" ;;
-    hex) for ((i = 0; i < 64; i++)); do printf -v out '%s%02x' "$out" "${BYTES[i]}"; done
+    base64) printf '%s\n' "$1" ;;
+    hex) decode_signature "$1"
+         for ((i = 0; i < 64; i++)); do printf -v out '%s%02x' "$out" "${BYTES[i]}"; done
          printf '%s\n' "$out" ;;
-    raw) for ((i = 0; i < 64; i++)); do printf -v out '%s\\x%02x' "$out" "${BYTES[i]}"; done
+    raw) decode_signature "$1"
+         for ((i = 0; i < 64; i++)); do printf -v out '%s\\x%02x' "$out" "${BYTES[i]}"; done
          # shellcheck disable=SC2059 # the format is our own \xHH escapes
          printf "$out" ;;
   esac
@@ -632,26 +656,27 @@ main() {
   if [[ -v VAL[expect_public_key] ]] && ! type -P openssl >/dev/null; then
     fail CONFIG_INVALID "a public key is pinned but openssl is not installed; apt-get install openssl"
   fi
+  if ! type -P setpriv setsid flock >/dev/null; then
+    fail TOOL_NOT_FOUND "setpriv, setsid or flock (util-linux) is missing; install util-linux"
+  fi
   open_scratch_files
   read_message
   prepare_environment
   [[ -f ${VAL[module]} ]] || fail MODULE_LOAD_FAILED "PKCS#11 module ${VAL[module]} does not exist; fix --module"
   find_tool
-  if ! type -P setpriv setsid flock >/dev/null; then
-    fail TOOL_NOT_FOUND "setpriv, setsid or flock (util-linux) is missing; install util-linux"
-  fi
-  take_lock
+  start_lock
+  [[ -z ${DECODER-} ]] || wait "$DECODER" || fail INPUT_INVALID "stdin could not be decoded as base64"
+  await_lock
   selector_args
   resolve_key_id
-  run_tool "$SIG_FD" "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --sign \
+  run_tool base64 "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --sign \
     --mechanism "${VAL[mechanism]}" --id "$KEY_ID" --input-file "/dev/fd/$MSG_FD"
   ((STATUS == 0)) || classify
-  read_bytes "$SIG_FD"
-  ((${#BYTES[@]} == 64)) || fail SIGNING_FAILED "pkcs11-tool printed ${#BYTES[@]} bytes, not a 64-byte Ed25519 signature; check --mechanism and the key"
-  local signature=("${BYTES[@]}")
-  check_pinned_key
-  BYTES=("${signature[@]}")
-  write_signature
+  local signature=""
+  IFS= read -r -N 65536 signature < "/dev/fd/$SIG_FD" || true
+  check_signature "$signature"
+  check_pinned_key "$signature"
+  write_signature "$signature"
 }
 
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
