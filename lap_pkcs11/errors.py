@@ -83,6 +83,10 @@ class KeyMismatch(SignerError):
     name, exit_code = "KEY_MISMATCH", 70
 
 
+class KeyExists(SignerError):
+    name, exit_code = "KEY_EXISTS", 73
+
+
 class SigningFailed(SignerError):
     name, exit_code = "SIGNING_FAILED", 70
 

@@ -126,22 +126,6 @@ def acquire_lock(path, deadline):
             time.sleep(LOCK_POLL_SECONDS)
 
 
-def parse_private_keys(listing):
-    """(label, id) of each private key in a ``--list-objects --type privkey`` listing."""
-    keys, current = [], None
-    for line in listing.splitlines():
-        if line.startswith("Private Key Object"):
-            current = {"label": None, "id": None}
-            keys.append(current)
-        elif current is not None and line.startswith("  "):
-            field, _, value = line.strip().partition(":")
-            if field in ("label", "ID"):
-                current[field.lower()] = value.strip()
-        else:
-            current = None
-    return [(key["label"], key["id"]) for key in keys]
-
-
 def resolve_key_id(config, tool_path, env, pin_env, deadline):
     """The CKA_ID to sign with: the configured id, or the id of the one key with the label."""
     if config.key_id is not None:
@@ -149,8 +133,8 @@ def resolve_key_id(config, tool_path, env, pin_env, deadline):
     result = tool.run(tool.list_keys_argv(tool_path, config, pin_env), env, deadline)
     if result.status != 0:
         raise tool.classify(result)
-    ids = {key_id for label, key_id in parse_private_keys(result.stdout.decode("utf-8", "replace"))
-           if label == config.key_label}
+    ids = {key.id for key in tool.parse_objects(result.stdout.decode("utf-8", "replace"))
+           if key.kind == "private key" and key.label == config.key_label}
     if not ids:
         raise errors.KeyNotFound(f"no private key labelled {config.key_label!r} on the token; "
                                  "check --key-label (lap-pkcs11 doctor)")

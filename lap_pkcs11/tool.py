@@ -57,6 +57,29 @@ def list_keys_argv(tool, config, pin_env):
             "--list-objects", "--type", "privkey"]
 
 
+def list_objects_argv(tool, config, kind, pin_env=None):
+    """List the token's objects of ``kind`` (pubkey, privkey); logged in when given a PIN."""
+    login = ["--login", "--pin", "env:" + pin_env] if pin_env else []
+    return [tool, *_selector_args(config), *login, "--list-objects", "--type", kind]
+
+
+def module_argv(tool, config, action):
+    """A module-level query: --show-info or --list-token-slots (no token selector)."""
+    return [tool, "--module", config.module, action]
+
+
+def list_mechanisms_argv(tool, config):
+    """The mechanisms of the selected token."""
+    return [tool, *_selector_args(config), "--list-mechanisms"]
+
+
+def keygen_argv(tool, config, pin_env, key_id, label):
+    """Generate a sensitive, non-extractable Ed25519 key pair on the selected token."""
+    return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
+            "--keypairgen", "--key-type", "EC:edwards25519", "--id", key_id, "--label", label,
+            "--usage-sign", "--sensitive"]
+
+
 def find_program(name, environ):
     """The absolute path of ``name`` (searched on PATH when it has no slash), or None."""
     if "/" in name:
@@ -140,6 +163,67 @@ def _kill_group(pid):
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+# CKA_EC_PARAMS of Ed25519 keys: the PrintableString "edwards25519" (what
+# pkcs11-tool --keypairgen writes) or the OID 1.3.101.112 (imported keys).
+ED25519_PARAMS = ("130c656477617264733235353139", "06032b6570")
+
+
+class TokenObject:
+    """One object of a ``--list-objects`` listing."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.label = None
+        self.id = None
+        self.ec_point = None
+        self.ec_params = None
+        self.access = frozenset()
+        self.usage = frozenset()
+
+    def public_key(self):
+        """The 32-byte Ed25519 key from CKA_EC_POINT, DER-wrapped or raw."""
+        if self.ec_params is not None and self.ec_params not in ED25519_PARAMS:
+            raise errors.MechanismUnsupported(
+                f"the key with id {self.id} is not an Ed25519 key (EC_PARAMS {self.ec_params})")
+        raw = bytes.fromhex(self.ec_point or "")
+        if len(raw) == 34 and raw[:2] == b"\x04\x20":
+            return raw[2:]
+        if len(raw) == 32:
+            return raw
+        raise errors.SigningFailed(f"the public key with id {self.id} has an EC_POINT of "
+                                   f"{len(raw)} bytes, not an Ed25519 point")
+
+
+def parse_objects(listing):
+    """The objects of a ``pkcs11-tool --list-objects`` listing, in order."""
+    objects, current = [], None
+    for line in listing.splitlines():
+        if not line.startswith(" ") and " Object" in line:
+            current = TokenObject(line.split(" Object", 1)[0].strip().lower())
+            objects.append(current)
+            continue
+        if not line.startswith("  "):
+            current = None
+            continue
+        if current is None:
+            continue
+        field, _, value = line.strip().partition(":")
+        value = value.strip()
+        if field == "label":
+            current.label = value
+        elif field == "ID":
+            current.id = value
+        elif field == "EC_POINT":
+            current.ec_point = value
+        elif field == "EC_PARAMS":
+            current.ec_params = value.split()[0]
+        elif field == "Access":
+            current.access = frozenset(part.strip() for part in value.split(","))
+        elif field == "Usage":
+            current.usage = frozenset(part.strip() for part in value.split(","))
+    return objects
 
 
 # Stable CKR_* names and OpenSC phrases, matched in order against stderr.

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lap_pkcs11 import ed25519, envfile, errors, tool
-from lap_pkcs11.signer import Secret, parse_private_keys
+from lap_pkcs11.signer import Secret
 
 
 def config(**overrides):
@@ -56,7 +56,7 @@ def test_classify_matches_stable_parts(stderr, name):
 def test_every_error_has_a_distinct_name_and_sysexits_code():
     classes = [cls for cls in errors._all_errors() if cls is not errors.SignerError]
     assert len({cls.name for cls in classes}) == len(classes)
-    assert {cls.exit_code for cls in classes} <= {64, 65, 69, 70, 75, 77}
+    assert {cls.exit_code for cls in classes} <= {64, 65, 69, 70, 73, 75, 77}
     for cls in classes:
         assert errors.by_name(cls.name) is cls
     line = errors.PinMissing("no PIN:\n set it").line()
@@ -69,10 +69,24 @@ def test_secret_hides_itself():
     assert secret.reveal() == "123456"
 
 
-def test_parse_private_keys():
-    listing = ("Private Key Object; EC_EDWARDS\n  label:      a b\n  ID:         01\n"
-               "  Usage:      sign\nPrivate Key Object; EC_EDWARDS\n  ID:         02\n")
-    assert parse_private_keys(listing) == [("a b", "01"), (None, "02")]
+def test_parse_objects():
+    listing = ("Using slot 0\nPrivate Key Object; EC_EDWARDS\n  label:      a b\n  ID:         01\n"
+               "  Usage:      sign\n  Access:     sensitive, never extractable\n"
+               "Private Key Object; EC_EDWARDS\n  ID:         02\n"
+               "Public Key Object; EC_EDWARDS  EC_POINT 255 bits\n"
+               "  EC_POINT:   0420" + "ab" * 32 + "\n"
+               "  EC_PARAMS:  06032b6570 (OID 1.3.101.112)\n  ID:         02\n")
+    objects = tool.parse_objects(listing)
+    assert [(o.kind, o.label, o.id) for o in objects] == [
+        ("private key", "a b", "01"), ("private key", None, "02"), ("public key", None, "02")]
+    assert objects[0].access == {"sensitive", "never extractable"}
+    assert objects[2].public_key() == b"\xab" * 32
+    raw = tool.TokenObject("public key")
+    raw.ec_point, raw.ec_params = "cd" * 32, "130c656477617264733235353139"
+    assert raw.public_key() == b"\xcd" * 32
+    raw.ec_params = "06032b6571"  # Ed448
+    with pytest.raises(errors.MechanismUnsupported):
+        raw.public_key()
 
 
 ENV_FILE_CORPUS = [
