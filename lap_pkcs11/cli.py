@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lap_pkcs11 import errors, settings
+from lap_pkcs11 import errors, keyformats, settings
+from lap_pkcs11.config import CALLER_MARGIN_MS
 from lap_pkcs11.options import OPTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -93,6 +94,114 @@ def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Pri
         shown = "-" if value is None else str(value)
         typer.echo(f"{attr:<{width}}  {shown:<40}  {source}")
     typer.echo(f"{'pin':<{width}}  {pin['state']:<40}  {pin['source']}")
+
+
+@app.command()
+@with_signer_options
+def pubkey(flags,
+           fmt: Annotated[str, typer.Option("--format", metavar="|".join(keyformats.FORMATS),
+                                            help="Output format.")] = "hex",
+           kid: Annotated[Optional[str], typer.Option(
+               "--kid", help="Key id for trusted-keys and keyset.")] = None):
+    """Print the selected key's Ed25519 public key, in the format the gateway wants."""
+    from lap_pkcs11.token import Session
+
+    try:
+        config = settings.load(flags)
+        if fmt not in keyformats.FORMATS:
+            raise errors.ConfigInvalid(f"--format must be one of {', '.join(keyformats.FORMATS)}")
+        if fmt in ("trusted-keys", "keyset"):
+            keyformats.check_kid(kid)
+        key = Session(config).public_key()
+        text = keyformats.render(key, fmt, kid, signing_command(config, key),
+                                 keyset_timeout_seconds(config))
+    except errors.SignerError as err:
+        fail(err)
+    typer.echo(text, nl=False)
+
+
+def signing_command(config, key):
+    """The `lap-pkcs11 sign` command line the gateway runs for this configuration (no PIN)."""
+    import shlex
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "lap-pkcs11"
+    args = [str(exe) if exe.exists() else "lap-pkcs11", "sign", "--input", "base64",
+            "--module", config.module]
+    for attr, flag in (("slot", "--slot"), ("slot_index", "--slot-index"),
+                       ("token_label", "--token-label"), ("key_id", "--key-id"),
+                       ("key_label", "--key-label")):
+        if getattr(config, attr) is not None:
+            args += [flag, str(getattr(config, attr))]
+    if config.mechanism != "EDDSA":
+        args += ["--mechanism", config.mechanism]
+    if config.pin_file is not None:
+        args += ["--pin-file", config.pin_file]
+    elif config.pin_env != "PKCS11_PIN":
+        args += ["--pin-env", config.pin_env]
+    for attr, flag in (("env_file", "--env-file"), ("lock_dir", "--lock-dir")):
+        if getattr(config, attr) is not None:
+            args += [flag, str(Path(getattr(config, attr)).absolute())
+                     if attr == "env_file" else getattr(config, attr)]
+    if config.sources["pkcs11_tool"] != "default":
+        args += ["--pkcs11-tool", config.pkcs11_tool]
+    if config.sources["timeout_ms"] != "default":
+        args += ["--timeout-ms", str(config.timeout_ms)]
+    args += ["--expect-public-key", key.hex()]
+    return shlex.join(args)
+
+
+def keyset_timeout_seconds(config):
+    """The gateway's timeout for this signer: its own deadline plus the start-up margin."""
+    return round((config.timeout_ms + 2 * CALLER_MARGIN_MS) / 1000, 3)
+
+
+@app.command()
+@with_signer_options
+def keygen(flags,
+           fmt: Annotated[str, typer.Option("--format", metavar="|".join(keyformats.FORMATS[:4]),
+                                            help="Format of the printed public key.")] = "hex"):
+    """Generate a sensitive, non-extractable Ed25519 key pair on the token.
+
+    Needs both --key-id and --key-label; refuses (and changes nothing) when either is taken.
+    """
+    from lap_pkcs11.token import Session
+
+    try:
+        if not flags.get("key_id") or not flags.get("key_label"):
+            raise errors.ConfigInvalid("keygen needs both --key-id HEX and --key-label LABEL")
+        label = flags.pop("key_label")
+        config = settings.load(flags)
+        if fmt not in keyformats.FORMATS[:4]:
+            raise errors.ConfigInvalid("--format must be one of hex, base64, pem, jwk")
+        session = Session(config)
+        session.generate(config.key_id, label)
+        text = keyformats.render(session.public_key(), fmt)
+    except errors.SignerError as err:
+        fail(err)
+    typer.echo(text, nl=False)
+
+
+@app.command()
+@with_signer_options
+def doctor(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Check everything the signer needs, in order, and sign a test message."""
+    from lap_pkcs11 import doctor as checks
+
+    report = checks.run(flags)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        colours = {"pass": typer.colors.GREEN, "warn": typer.colors.YELLOW,
+                   "fail": typer.colors.RED}
+        for check in report.checks:
+            label = typer.style(f"{check.status.upper():<4}", fg=colours[check.status], bold=True)
+            typer.echo(f"{label}  {check.name}: {check.detail}")
+            if check.fix and check.status != "pass":
+                typer.echo(f"      {'fix' if check.status == 'fail' else 'advice'}: {check.fix}")
+        if report.latency_ms is not None:
+            typer.echo(f"signing latency: {report.latency_ms} ms")
+    raise typer.Exit(report.exit_code)
 
 
 def pin_status(config):
