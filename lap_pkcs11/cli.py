@@ -73,6 +73,27 @@ def sign():
     raise typer.Exit(sign_main(sys.argv[2:]))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def client():
+    """Send stdin to the socket-activated signer (the gateway's SIGNER_CMD in that mode).
+
+    Run `lap-pkcs11 client --help` for its options.
+    """
+    from lap_pkcs11.client_cli import main as client_main
+
+    raise typer.Exit(client_main(sys.argv[2:]))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def serve():
+    """Sign one framed request on stdin/stdout (systemd socket activation, Accept=yes)."""
+    from lap_pkcs11.serve_cli import main as serve_main
+
+    raise typer.Exit(serve_main(sys.argv[2:]))
+
+
 @app.command("config")
 @with_signer_options
 def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):

@@ -176,12 +176,16 @@ def _protection_check(report, key):
 
 def _sign_checks(report, config, environ, session):
     message = os.urandom(200)
+    # The PIN was read once already (a --pin-file may be a pipe): hand it on in the
+    # environment, and leave the pinned-key comparison to its own check below.
+    pin_env = session.login()
     unpinned = configuration.Config(
-        dict(config.values(), expect_public_key=None), config.sources, config.env_file,
-        config.file_env)
+        dict(config.values(), expect_public_key=None, pin_file=None, pin_env=pin_env),
+        config.sources, config.env_file, config.file_env)
     started = time.monotonic()
     try:
-        signature = signer.sign(unpinned, message, environ, started + config.deadline_ms() / 1000)
+        signature = signer.sign(unpinned, message, session.env,
+                                started + config.deadline_ms() / 1000)
         report.latency_ms = round((time.monotonic() - started) * 1000, 1)
         public = session.public_key()
     except errors.SignerError as err:

@@ -1,8 +1,8 @@
 """The ``lap-pkcs11`` console script: a dispatcher that keeps ``sign`` lean.
 
-``sign`` runs once per gateway signature, so it is routed to its stdlib-only
-module before anything heavy is imported; every other command goes to the typer
-application in ``lap_pkcs11.cli``.
+``sign``, ``client`` and ``serve`` run once per gateway signature, so they are
+routed to their stdlib-only modules before anything heavy is imported; every
+other command goes to the typer application in ``lap_pkcs11.cli``.
 """
 
 import sys
@@ -16,6 +16,14 @@ def main():
         from lap_pkcs11.sign_cli import main as sign_main
 
         return sign_main(args[1:], started)
+    if args[:1] == ["client"]:
+        from lap_pkcs11.client_cli import main as client_main
+
+        return client_main(args[1:], started)
+    if args[:1] == ["serve"]:
+        from lap_pkcs11.serve_cli import main as serve_main
+
+        return serve_main(args[1:], started)
     from lap_pkcs11.cli import run
 
     return run()

@@ -105,15 +105,15 @@ def read_stdin(limit):
     return b"".join(chunks)
 
 
-def read_message(encoding):
-    """The message to sign, decoded from stdin by ``encoding`` (raw or base64)."""
+def read_message(encoding, read=read_stdin):
+    """The message to sign, decoded by ``encoding`` (raw or base64) from ``read(limit)``."""
     if encoding == "raw":
-        data = read_stdin(MAX_MESSAGE)
+        data = read(MAX_MESSAGE)
         if len(data) > MAX_MESSAGE:
             raise errors.MessageTooLarge(f"the message is over {MAX_MESSAGE} bytes; "
                                          "pkcs11-tool cannot sign longer EdDSA input")
         return data
-    data = read_stdin(READ_LIMIT)
+    data = read(READ_LIMIT)
     if len(data) > READ_LIMIT:
         raise errors.MessageTooLarge(f"the message is over {MAX_MESSAGE} bytes; "
                                      "pkcs11-tool cannot sign longer EdDSA input")
@@ -145,31 +145,47 @@ def write_stdout(data):
         raise errors.SigningFailed(f"stdout cannot be written ({err.strerror})") from None
 
 
-def main(args, started=None):
-    """Run ``sign`` with ``args``; return the exit code."""
-    started = time.monotonic() if started is None else started
+def run(args, started, read=read_stdin, caller_deadline=None):
+    """Sign as ``args`` say; return (exit code, stdout bytes, stderr text).
+
+    ``read(limit)`` supplies the input; ``caller_deadline`` (monotonic seconds),
+    when given, caps the deadline, as the socket client's does.
+    """
     debug = "--debug" in args
     try:
         flags, debug, want_help = parse_args(args)
         if want_help:
-            sys.stdout.write(usage())
-            return 0
+            return 0, usage().encode(), ""
         environ = dict(os.environ)
         config = configuration.resolve(flags, environ)
         check_gateway_input(config, environ)
         deadline = started + config.deadline_ms() / 1000
-        message = read_message(config.input)
+        if caller_deadline is not None:
+            deadline = min(deadline, caller_deadline)
+        message = read_message(config.input, read)
         signature = sign(config, message, environ, deadline)
-        write_stdout(encode(signature, config.output))
-        return 0
+        return 0, encode(signature, config.output), ""
     except errors.SignerError as err:
-        sys.stderr.write(err.line() + "\n")
-        return err.exit_code
+        return err.exit_code, b"", err.line() + "\n"
     except Exception as err:  # A bug must still fail closed, in one line.
         if debug:
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(errors.SigningFailed(
-            f"internal error ({type(err).__name__}); rerun with --debug and report it").line() + "\n")
-        return errors.SigningFailed.exit_code
+        failure = errors.SigningFailed(
+            f"internal error ({type(err).__name__}); rerun with --debug and report it")
+        return failure.exit_code, b"", failure.line() + "\n"
+
+
+def main(args, started=None):
+    """Run ``sign`` with ``args``; return the exit code."""
+    started = time.monotonic() if started is None else started
+    code, out, err = run(args, started)
+    if out:
+        try:
+            write_stdout(out)
+        except errors.SignerError as failure:
+            code, err = failure.exit_code, failure.line() + "\n"
+    if err:
+        sys.stderr.write(err)
+    return code

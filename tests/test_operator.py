@@ -308,3 +308,14 @@ def test_smoke_splits_like_shlex():
                              capture_output=True, check=True).stdout
         words = out.split(b"\0")[:-1] if out else []
         assert [w.decode() for w in words] == shlex.split(text), text
+
+
+def test_doctor_reads_a_pin_from_a_pipe_once(keyed):
+    """The systemd README runs doctor with --pin-file /dev/stdin."""
+    token, _ = keyed
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    result = subprocess.run([LAP, "doctor", *token.args(), "--pin-file", "/dev/stdin", "--json"],
+                            input=USER_PIN.encode() + b"\n", env=env, cwd=token.home,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["ok"] is True

@@ -1,0 +1,40 @@
+"""The framing between ``lap-pkcs11 client`` and a socket-activated ``lap-pkcs11 serve``.
+
+Request: ``LAP1 <deadline ms>\\n`` then the client's stdin, unchanged, then the
+client shuts its side down. Response: ``LAP1 <exit code> <NAME or OK>\\n`` then,
+on success, exactly what ``sign`` would print on stdout, or on failure the one
+``lap-pkcs11: NAME: ...`` line ``sign`` would print on stderr. So the gateway
+cannot tell the client from ``sign``.
+
+This module is on the per-signature path: it imports nothing.
+"""
+
+MAGIC = b"LAP1"
+MAX_HEADER = 64
+# The client's deadline less this, so the signer answers TIMEOUT before the client gives up.
+SERVER_MARGIN_MS = 150
+
+
+def request_header(deadline_ms):
+    return b"%s %d\n" % (MAGIC, deadline_ms)
+
+
+def parse_request_header(line):
+    """The deadline in ms from a request header line, or None when malformed."""
+    parts = line.split()
+    if len(parts) != 2 or parts[0] != MAGIC or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def response(code, name, payload):
+    return b"%s %d %s\n" % (MAGIC, code, name.encode()) + payload
+
+
+def parse_response(data):
+    """(code, name, payload) of a response, or None when it is not one."""
+    line, newline, payload = data.partition(b"\n")
+    parts = line.split()
+    if not newline or len(parts) != 3 or parts[0] != MAGIC or not parts[1].isdigit():
+        return None
+    return int(parts[1]), parts[2].decode("ascii", "replace"), payload

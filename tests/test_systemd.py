@@ -1,0 +1,243 @@
+"""systemd units: verified, scored offline, and run end to end through real socket
+activation (systemd-socket-activate, no PID 1 needed) with the unit's own ExecStart."""
+
+import base64
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_TOOL, ROOT, USER_PIN, assert_failure, gateway_decode, verify
+
+UNITS = ROOT / "systemd"
+SERVICE = UNITS / "lap-pkcs11-signer@.service"
+SOCKET_UNIT = UNITS / "lap-pkcs11-signer.socket"
+LAP = Path(sys.executable).parent / "lap-pkcs11"
+INSTALLED = "/opt/lap-pkcs11/.venv/bin/lap-pkcs11"
+MAX_EXPOSURE = 1.0
+DROP_INS = sorted((UNITS / "examples").glob("*.conf"))
+
+
+def unit_value(path, key):
+    return [line.split("=", 1)[1] for line in path.read_text().splitlines()
+            if line.startswith(key + "=")]
+
+
+def exposure(unit_path):
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit_path)],
+                            capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+def local_copy(tmp_path, unit, extra=""):
+    """The unit with ExecStart pointing at this venv (verify checks the binary exists)."""
+    text = unit.read_text().replace(INSTALLED, str(LAP)) + extra
+    copy = tmp_path / unit.name
+    copy.write_text(text)
+    return copy
+
+
+def test_units_verify(tmp_path):
+    service = local_copy(tmp_path, SERVICE)
+    socket_copy = local_copy(tmp_path, SOCKET_UNIT)
+    result = subprocess.run(["systemd-analyze", "verify", str(socket_copy), str(service)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_service_exposure_is_at_most_one(tmp_path):
+    score = exposure(local_copy(tmp_path, SERVICE))
+    assert score <= MAX_EXPOSURE, score
+    readme = (UNITS / "README.md").read_text()
+    assert f"| `lap-pkcs11-signer@.service` | {score:.1f} |" in readme
+
+
+def test_socket_limits_are_set_deliberately():
+    assert unit_value(SOCKET_UNIT, "Accept") == ["yes"]
+    assert unit_value(SOCKET_UNIT, "MaxConnections") == ["128"]
+    assert unit_value(SOCKET_UNIT, "TriggerLimitBurst") == ["2000"]
+    assert unit_value(SOCKET_UNIT, "SocketMode") == ["0660"]
+
+
+@pytest.mark.parametrize("drop_in", DROP_INS, ids=lambda p: p.name)
+def test_each_loosening_drop_in_states_its_measured_score(tmp_path, drop_in):
+    text = drop_in.read_text()
+    score = exposure(local_copy(tmp_path, SERVICE, "\n" + text))
+    stated = re.search(r"exposure (\d+\.\d+)", text)
+    assert stated and float(stated.group(1)) == score, (drop_in.name, score)
+    assert f"| `examples/{drop_in.name}` | {score:.1f} |" in (UNITS / "README.md").read_text()
+
+
+def test_pin_comes_from_a_credential_not_the_environment_file():
+    exec_start = unit_value(SERVICE, "ExecStart")[0]
+    assert "--pin-file %d/pin" in exec_start
+    assert unit_value(SERVICE, "LoadCredential") == ["pin:/etc/lap-pkcs11/pin"]
+
+
+class Activated:
+    """systemd-socket-activate running the service's own ExecStart per connection."""
+
+    def __init__(self, token, tmp_path, env_overrides=None, tool=None):
+        self.path = tmp_path / "run" / "signer.sock"
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        (credentials / "pin").write_text(USER_PIN + "\n")
+        state = tmp_path / "state"
+        state.mkdir()
+        argv = shlex.split(unit_value(SERVICE, "ExecStart")[0].replace("%d", str(credentials)))
+        assert argv[0] == INSTALLED
+        argv[0] = str(LAP)
+        # What EnvironmentFile= and Environment= give the service, as -E flags.
+        env = {"LAP_PKCS11_MODULE": token.module, "LAP_PKCS11_TOKEN_LABEL": token.label,
+               "LAP_PKCS11_KEY_ID": "01", "LAP_PKCS11_INPUT": "base64",
+               "SOFTHSM2_CONF": str(token.conf), "LAP_PKCS11_LOCK_DIR": str(state),
+               "PATH": os.environ["PATH"]}
+        if tool:
+            env["LAP_PKCS11_TOOL"] = str(tool)
+            env["FAKE_MODE"] = "hang"
+        env.update(env_overrides or {})
+        flags = [f"-E{name}={value}" for name, value in env.items()]
+        self.log = open(tmp_path / "activate.log", "wb")
+        self.proc = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd",
+                                      "-l", str(self.path), *flags, *argv],
+                                     stdout=self.log, stderr=self.log, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.path.exists():
+            assert time.monotonic() < deadline, "socket never appeared"
+            time.sleep(0.02)
+
+    def close(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def activated(keyed, tmp_path):
+    (tmp_path / "run").mkdir(exist_ok=True)
+    servers = []
+
+    def start(**kwargs):
+        server = Activated(keyed[0], tmp_path, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def client(server_path, stdin, env=None, timeout=30):
+    env = env if env is not None else {"PATH": os.environ["PATH"]}
+    return subprocess.run([str(LAP), "client", "--socket", str(server_path)], input=stdin,
+                          env=env, capture_output=True, timeout=timeout)
+
+
+def test_client_signs_through_socket_activation(keyed, activated):
+    token, public = keyed
+    server = activated()
+    message = b"\x00receipt\x00" * 40
+    result = client(server.path, base64.b64encode(message) + b"\n")
+    assert result.returncode == 0, result.stderr
+    signature = gateway_decode(result.stdout)
+    verify(public, message, signature)
+    direct = subprocess.run([str(LAP), "sign", *token.args(), "--input", "base64"],
+                            input=base64.b64encode(message) + b"\n", env=token.env,
+                            capture_output=True)
+    assert direct.stdout == result.stdout  # the gateway cannot tell the difference
+
+
+@pytest.mark.parametrize("case, name, code", [
+    ("wrong pin", "PIN_INCORRECT", 77),
+    ("missing key", "KEY_NOT_FOUND", 69),
+    ("bad input", "INPUT_INVALID", 65),
+    ("timeout", "TIMEOUT", 75),
+])
+def test_signer_errors_reach_the_client_unchanged(keyed, activated, tmp_path, case, name, code):
+    overrides, tool, stdin = {}, None, base64.b64encode(b"m") + b"\n"
+    if case == "missing key":
+        overrides["LAP_PKCS11_KEY_ID"] = "99"
+    if case == "bad input":
+        stdin = b"not base64\n"
+    if case == "timeout":
+        tool = FAKE_TOOL
+        overrides["LAP_PKCS11_TIMEOUT_MS"] = "500"
+    server = activated(env_overrides=overrides, tool=tool)
+    if case == "wrong pin":
+        (tmp_path / "credentials" / "pin").write_text("000000\n")
+    result = client(server.path, stdin)
+    assert_failure(result, name, code, pin="000000")
+
+
+def test_client_deadline_reaches_the_signer(keyed, activated):
+    server = activated(tool=FAKE_TOOL)
+    env = {"PATH": os.environ["PATH"], "SIGNER_TIMEOUT_SECONDS": "1.0"}
+    result = client(server.path, base64.b64encode(b"m") + b"\n", env=env, timeout=1.0)
+    assert_failure(result, "TIMEOUT", 75)
+
+
+def test_missing_socket_is_signer_unavailable(tmp_path):
+    result = client(tmp_path / "absent.sock", b"aGVsbG8=\n")
+    assert_failure(result, "SIGNER_UNAVAILABLE", 69)
+
+
+def test_silent_socket_is_signer_unavailable(tmp_path):
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    held = []
+    thread = threading.Thread(target=lambda: held.append(listener.accept()), daemon=True)
+    thread.start()
+    try:
+        env = {"PATH": os.environ["PATH"], "LAP_PKCS11_CLIENT_TIMEOUT_MS": "400"}
+        result = client(path, b"aGVsbG8=\n", env=env)
+        assert_failure(result, "SIGNER_UNAVAILABLE", 69)
+    finally:
+        listener.close()
+
+
+def test_refused_socket_is_signer_unavailable(tmp_path):
+    path = tmp_path / "dead.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.close()  # the file stays, nobody listens: connection refused
+    assert_failure(client(path, b"aGVsbG8=\n"), "SIGNER_UNAVAILABLE", 69)
+
+
+def test_sixteen_concurrent_clients(keyed, activated):
+    _, public = keyed
+    server = activated()
+    messages = [os.urandom(100 + i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(
+            lambda m: client(server.path, base64.b64encode(m) + b"\n",
+                             env={"PATH": os.environ["PATH"],
+                                  "LAP_PKCS11_CLIENT_TIMEOUT_MS": "20000"}), messages))
+    for message, result in zip(messages, results):
+        assert result.returncode == 0, result.stderr
+        verify(public, message, gateway_decode(result.stdout))
+
+
+def test_client_help_and_bad_option():
+    assert subprocess.run([str(LAP), "client", "--help"], capture_output=True).returncode == 0
+    result = subprocess.run([str(LAP), "client", "--key-id", "01"], capture_output=True,
+                            input=b"")
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_systemd_tools_present():
+    for tool in ("systemd-analyze", "systemd-socket-activate"):
+        assert shutil.which(tool), f"{tool} missing: apt-get install systemd"
