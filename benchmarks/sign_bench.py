@@ -50,7 +50,28 @@ def provision(home):
     return module, env, tool, point[-64:]
 
 
-def variants(module, env, tool, public_hex, message_file, bin_dir):
+def start_socket_signer(home, module, env, bin_dir):
+    """systemd-socket-activate running `lap-pkcs11 serve` per connection, as the unit does."""
+    if not shutil.which("systemd-socket-activate"):
+        return None, None
+    path = home / "signer.sock"
+    pin = home / "pin"
+    pin.write_text(PIN + "\n")
+    settings = {"LAP_PKCS11_MODULE": module, "LAP_PKCS11_TOKEN_LABEL": LABEL,
+                "LAP_PKCS11_KEY_ID": "01", "LAP_PKCS11_INPUT": "base64",
+                "SOFTHSM2_CONF": env["SOFTHSM2_CONF"], "LAP_PKCS11_LOCK_DIR": str(home),
+                "PATH": env["PATH"]}
+    proc = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd", "-l", str(path),
+                             *[f"-E{k}={v}" for k, v in settings.items()],
+                             str(bin_dir / "lap-pkcs11"), "serve", "--pin-file", str(pin)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while not path.exists():
+        time.sleep(0.01)
+    return proc, path
+
+
+def variants(module, env, tool, public_hex, message_file, bin_dir, socket_path=None):
     """name -> (argv, stdin bytes, environment)."""
     message = message_file.read_bytes()
     gateway_stdin = base64.b64encode(message) + b"\n"
@@ -64,11 +85,23 @@ def variants(module, env, tool, public_hex, message_file, bin_dir):
         "  + pinned key check": ([*sign, "--input", "base64"], gateway_stdin,
                                  dict(env, LAP_GATEWAY_PUBLIC_KEY_HEX=public_hex)),
     }
+    if socket_path is not None:
+        rows["lap-pkcs11 client + socket-activated serve"] = (
+            [str(bin_dir / "lap-pkcs11"), "client", "--socket", str(socket_path)],
+            gateway_stdin, {"PATH": env["PATH"]})
     script = ROOT / "scripts" / "pkcs11_signer.sh"
     if script.exists():
         rows["scripts/pkcs11_signer.sh --input base64"] = (
             [str(script), "--module", module, "--token-label", LABEL, "--key-id", "01",
              "--input", "base64"], gateway_stdin, env)
+        # What any bash signer with the contract's guarantees must at least run: no
+        # parsing, no stdin, no checks; just the lock and the setpriv/setsid chain.
+        floor = ('exec {l}<>"$0"; flock "$l"; '
+                 'exec setpriv --pdeathsig KILL -- setsid -- pkcs11-tool "$@"')
+        rows["  (floor: bash + flock + setpriv + setsid)"] = (
+            ["/bin/bash", "-c", floor, str(message_file.parent / "floor.lock"),
+             *tool[1:], "--sign", "--mechanism", "EDDSA", "--id", "01", "--input-file",
+             str(message_file)], b"", env)
     return rows
 
 
@@ -94,13 +127,19 @@ def main():
         module, env, tool, public_hex = provision(home)
         message_file = home / "message"
         message_file.write_bytes(os.urandom(args.size))
-        rows = variants(module, env, tool, public_hex, message_file, bin_dir)
-        for argv, stdin, row_env in rows.values():  # warm caches once, untimed
-            timed(argv, stdin, row_env)
-        samples = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, (argv, stdin, row_env) in rows.items():
-                samples[name].append(timed(argv, stdin, row_env) * 1000)
+        server, socket_path = start_socket_signer(home, module, env, bin_dir)
+        try:
+            rows = variants(module, env, tool, public_hex, message_file, bin_dir, socket_path)
+            for argv, stdin, row_env in rows.values():  # warm caches once, untimed
+                timed(argv, stdin, row_env)
+            samples = {name: [] for name in rows}
+            for _ in range(args.rounds):
+                for name, (argv, stdin, row_env) in rows.items():
+                    samples[name].append(timed(argv, stdin, row_env) * 1000)
+        finally:
+            if server is not None:
+                os.killpg(server.pid, 15)
+                server.wait()
     floor = statistics.median(samples["bare pkcs11-tool --sign"])
     print(f"{args.rounds} rounds, {args.size}-byte message, interleaved; "
           f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
