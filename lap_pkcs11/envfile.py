@@ -88,11 +88,11 @@ def parse(text):
 def load(path):
     """Read and parse the env file at ``path``; every failure is ConfigInvalid."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        # Bytes that are not UTF-8 pass through unchanged, as they do for the shell mirror.
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             text = handle.read(1 << 20)
-    except (OSError, UnicodeDecodeError) as err:
-        reason = getattr(err, "strerror", None) or "not UTF-8 text"
-        raise ConfigInvalid(f"env file {path} cannot be read ({reason}); "
+    except OSError as err:
+        raise ConfigInvalid(f"env file {path} cannot be read ({err.strerror}); "
                             "fix the path in --env-file or LAP_PKCS11_ENV_FILE") from None
     try:
         return parse(text)

@@ -68,10 +68,8 @@ def read_pin(config, env):
             raise errors.ConfigInvalid(
                 f"PIN file {config.pin_file} cannot be read ({err.strerror}); "
                 "fix --pin-file or its permissions") from None
-        try:
-            pin = Secret(first.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise errors.ConfigInvalid(f"PIN file {config.pin_file} is not UTF-8 text") from None
+        # Bytes that are not UTF-8 still reach pkcs11-tool unchanged (PINs are bytes).
+        pin = Secret(first.decode("utf-8", "surrogateescape"))
         if not pin.reveal():
             raise errors.PinMissing(f"PIN file {config.pin_file} is empty; write the user PIN in it")
         env[name] = pin.reveal()

@@ -649,6 +649,7 @@ write_signature() {
 }
 
 main() {
+  umask 077
   parse_args "$@"
   resolve
   check_gateway_input

@@ -47,3 +47,33 @@ def test_both_implementations_share_one_lock(keyed):
     assert len({r.stdout for r in results}) == 1
     locks = list((token.home / "run").iterdir())
     assert len(locks) == 1 and locks[0].name.startswith("lap-pkcs11-")
+
+
+def test_shell_pinned_key_without_openssl_is_config_invalid(keyed, tmp_path):
+    """The script checks the pinned key with openssl; without it, it must refuse, not skip."""
+    from conftest import assert_failure
+
+    token, public = keyed
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for entry in os.scandir(folder):
+            if entry.name != "openssl" and not (bin_dir / entry.name).exists():
+                (bin_dir / entry.name).symlink_to(entry.path)
+    env = dict(token.env, PATH=str(bin_dir))
+    result = IMPLEMENTATIONS["shell"]()([*token.args(), "--expect-public-key", public.hex()],
+                                        b"m", env=env, cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_pin_and_env_file_bytes_that_are_not_utf8_behave_alike(keyed):
+    token, _ = keyed
+    pin_file = token.home / "pin"
+    pin_file.write_bytes(b"\xff\xfe-not-the-pin\n")
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    codes = set()
+    for make in IMPLEMENTATIONS.values():
+        result = make()([*token.args(), "--pin-file", str(pin_file)], b"m", env=env,
+                        cwd=token.home)
+        codes.add((result.returncode, result.stderr.split(b":")[1]))
+    assert codes == {(77, b" PIN_INCORRECT")}

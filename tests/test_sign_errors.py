@@ -6,6 +6,8 @@ garbage output and a locked PIN, which SoftHSM2 cannot produce on demand.
 """
 
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -227,3 +229,37 @@ def test_help_goes_to_stdout_and_names_every_flag(signer):
     assert result.returncode == 0
     for flag in ("--module", "--key-id", "--input", "--expect-public-key", "--pin-file"):
         assert flag.encode() in result.stdout
+
+
+def test_busy_token_lock_is_timeout(signer, keyed):
+    """Another holder keeps the token's lock past the deadline."""
+    token, _ = keyed
+    lock_dir = token.home / "locks"
+    lock_dir.mkdir()
+    args = [*token.args(), "--lock-dir", str(lock_dir), "--timeout-ms", "400"]
+    assert signer(args, MESSAGE, env=token.env, cwd=token.home).returncode == 0
+    (lock,) = lock_dir.iterdir()
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"])
+    try:
+        time.sleep(0.2)
+        assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "TIMEOUT", 75)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("how", ["symlink", "foreign owner"])
+def test_unsafe_lock_file_is_config_invalid(signer, keyed, how):
+    token, _ = keyed
+    lock_dir = token.home / "locks"
+    lock_dir.mkdir()
+    args = [*token.args(), "--lock-dir", str(lock_dir)]
+    assert signer(args, MESSAGE, env=token.env, cwd=token.home).returncode == 0
+    (lock,) = lock_dir.iterdir()
+    if how == "symlink":
+        lock.unlink()
+        lock.symlink_to(token.home / "elsewhere")
+    else:
+        os.chown(lock, 65534, 65534)
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "CONFIG_INVALID", 64)
+    assert not (token.home / "elsewhere").exists()

@@ -241,3 +241,40 @@ def test_client_help_and_bad_option():
 def test_systemd_tools_present():
     for tool in ("systemd-analyze", "systemd-socket-activate"):
         assert shutil.which(tool), f"{tool} missing: apt-get install systemd"
+
+
+def fake_server(path, answer):
+    """A FAKE signer socket that answers ``answer`` to one connection."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(answer)
+        connection.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+@pytest.mark.parametrize("answer", [b"garbage", b"LAP1 77 NOT_A_NAME\nx\n",
+                                    b"LAP1 64 PIN_MISSING\nx\n", b""])
+def test_garbled_answers_are_signer_unavailable(tmp_path, answer):
+    path = tmp_path / "fake.sock"
+    fake_server(path, answer)
+    assert_failure(client(path, b"aGVsbG8=\n"), "SIGNER_UNAVAILABLE", 69)
+
+
+def test_serve_refuses_a_request_without_framing(keyed, activated):
+    server = activated()
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(str(server.path))
+    connection.sendall(b"aGVsbG8=\n")  # a bare payload, as if sign's stdin
+    connection.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := connection.recv(4096):
+        answer += chunk
+    connection.close()
+    assert answer.startswith(b"LAP1 65 INPUT_INVALID\nlap-pkcs11: INPUT_INVALID: ")
