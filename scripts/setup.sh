@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: scripts/setup.sh
 #
-# Prepares this checkout: installs opensc, softhsm2, openssl and python3-venv
-# with apt-get when any is missing (as root, or through sudo), then creates
+# Prepares this checkout: installs opensc, softhsm2, openssl, shellcheck,
+# strace and python3-venv with apt-get when any is missing (as root, or through sudo), then creates
 # .venv and installs lap-pkcs11 with its test dependencies into it.
 # Environment: VENV (default: .venv in the checkout).
 set -Eeuo pipefail
@@ -25,6 +25,7 @@ install_packages() {
   command -v softhsm2-util >/dev/null || missing+=(softhsm2)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v shellcheck >/dev/null || missing+=(shellcheck)
+  command -v strace >/dev/null || missing+=(strace)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
   [[ ${#missing[@]} -eq 0 ]] && return 0
   command -v apt-get >/dev/null || abort "install these first: ${missing[*]}"

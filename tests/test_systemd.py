@@ -278,3 +278,56 @@ def test_serve_refuses_a_request_without_framing(keyed, activated):
         answer += chunk
     connection.close()
     assert answer.startswith(b"LAP1 65 INPUT_INVALID\nlap-pkcs11: INPUT_INVALID: ")
+
+
+def expand_syscall_group(group, cache={}):
+    """The system calls of a systemd group, nested groups expanded."""
+    if group not in cache:
+        out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
+                             text=True, check=True).stdout
+        names = set()
+        for line in out.splitlines()[1:]:
+            word = line.strip()
+            if word.startswith("@"):
+                names |= expand_syscall_group(word)
+            elif re.fullmatch(r"[a-z0-9_]+", word):
+                names.add(word)
+        cache[group] = names
+    return cache[group]
+
+
+def allowed_syscalls():
+    """What the unit's SystemCallFilter= lines allow, applied in order."""
+    allowed = set()
+    for value in unit_value(SERVICE, "SystemCallFilter"):
+        remove = value.startswith("~")
+        names = set()
+        for item in value.lstrip("~").split():
+            names |= expand_syscall_group(item) if item.startswith("@") else {item}
+        allowed = allowed - names if remove else allowed | names
+    return allowed
+
+
+def test_every_system_call_of_a_signature_passes_the_unit_filter(keyed, tmp_path):
+    """A blocked call fails every signature, and no offline score shows it: trace one."""
+    token, public = keyed
+    strace = shutil.which("strace")
+    assert strace, "strace missing: apt-get install strace"
+    pin = tmp_path / "pin"
+    pin.write_text(USER_PIN + "\n")
+    request = tmp_path / "request"
+    request.write_bytes(b"LAP1 1500\n" + base64.b64encode(b"traced") + b"\n")
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    env.update(LAP_PKCS11_MODULE=token.module, LAP_PKCS11_TOKEN_LABEL=token.label,
+               LAP_PKCS11_KEY_ID="01", LAP_PKCS11_INPUT="base64",
+               LAP_PKCS11_EXPECT_PUBLIC_KEY=public.hex())
+    trace = tmp_path / "trace"
+    argv = shlex.split(unit_value(SERVICE, "ExecStart")[0].replace("%d", str(tmp_path)))
+    argv[0] = str(LAP)
+    with open(request, "rb") as stdin:
+        result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), *argv], stdin=stdin,
+                                env=env, capture_output=True, timeout=60)
+    assert result.stdout.startswith(b"LAP1 0 OK\n"), result.stdout + result.stderr
+    used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(), re.M))
+    assert {"execve", "prctl", "setsid", "pidfd_open"} <= used  # the trace is real
+    assert used - allowed_syscalls() == set()
