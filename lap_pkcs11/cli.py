@@ -19,6 +19,7 @@ from lap_pkcs11.config import CALLER_MARGIN_MS
 from lap_pkcs11.options import OPTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
                   help="Ed25519 signing for the LAP gateway with a key on a PKCS#11 token.")
 
 
@@ -239,9 +240,19 @@ def pin_status(config):
 
 
 def run():
-    """Entry point for every command but ``sign``."""
+    """Entry point for every command but ``sign``, ``client`` and ``serve``."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
     try:
         app(prog_name="lap-pkcs11")
     except SystemExit as done:
         return done.code
+    except Exception as err:  # A bug still ends in one line, without a traceback.
+        if debug:
+            raise
+        failure = errors.SigningFailed(
+            f"internal error ({type(err).__name__}); rerun with --debug and report it")
+        typer.echo(failure.line(), err=True)
+        return failure.exit_code
     return 0

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSou
 
 from lap_pkcs11 import config as configuration
 from lap_pkcs11 import envfile
+from lap_pkcs11.errors import ConfigInvalid
 from lap_pkcs11.options import BY_ATTR, OPTIONS
 
 _CONFIG = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="ignore",
@@ -52,8 +53,12 @@ def load(flags, environ=None):
     environ = dict(os.environ) if environ is None else environ
     path, _ = configuration.env_file_path(flags.get("env_file"), environ)
     file_env = envfile.load(path) if path is not None else {}  # The same strict check as sign.
-    dotenv = DotEnvSettingsSource(Settings, env_file=path, case_sensitive=True,
-                                  env_ignore_empty=True) if path is not None else None
+    try:
+        dotenv = DotEnvSettingsSource(Settings, env_file=path, case_sensitive=True,
+                                      env_ignore_empty=True) if path is not None else None
+    except UnicodeDecodeError:
+        raise ConfigInvalid(f"env file {path} is not UTF-8 text; the administrative "
+                            "commands read it with python-dotenv, which needs UTF-8") from None
     # (label, the raw variables that label reads, the source's data for pydantic)
     # pydantic-settings keys every source by an option's first variable; so do the flags.
     given = {BY_ATTR[attr].envs[0]: text for attr, text in flags.items() if attr != "env_file"}

@@ -319,3 +319,13 @@ def test_doctor_reads_a_pin_from_a_pipe_once(keyed):
                             capture_output=True, timeout=120)
     assert result.returncode == 0, result.stdout
     assert json.loads(result.stdout)["ok"] is True
+
+
+def test_admin_commands_refuse_a_non_utf8_env_file_in_one_line(keyed):
+    token, _ = keyed
+    env_file = token.home / "latin1.env"
+    env_file.write_bytes(b"LAP_PKCS11_TOKEN_LABEL=caf\xe9\n")
+    result = lap(token, "config", "--module", token.module, "--key-id", "01", "--env-file",
+                 str(env_file))
+    assert_error(result, "CONFIG_INVALID", 64)
+    assert b"Traceback" not in result.stderr
