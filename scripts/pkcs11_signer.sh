@@ -338,10 +338,18 @@ open_scratch_files() {
   exec {MSG_FD}<<< "" {SIG_FD}<<< "" {ERR_FD}<<< ""
 }
 
+# stdin_error: a read that ended in an error (its message went to ERR_FD) is not EOF.
+stdin_error() {
+  local message=""
+  IFS= read -r -N 1 message < "/dev/fd/$ERR_FD" || true
+  [[ -z $message ]] || fail INPUT_INVALID "stdin cannot be read"
+}
+
 # The message on stdin, decoded into the scratch file MSG_FD.
 read_message() {
   if [[ ${VAL[input]} == raw ]]; then
-    head -c $((MAX_MESSAGE + 1)) > "/dev/fd/$MSG_FD"
+    head -c $((MAX_MESSAGE + 1)) > "/dev/fd/$MSG_FD" 2>/dev/null \
+      || fail INPUT_INVALID "stdin cannot be read"
     local size
     size=$(stat -L -c %s "/dev/fd/$MSG_FD")
     ((size <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
@@ -353,7 +361,8 @@ read_message() {
   while ((total <= READ_LIMIT)); do
     want=$((READ_LIMIT + 1 - total))
     chunk=""
-    if ! IFS= read -r -d '' -n "$want" chunk; then
+    if ! IFS= read -r -d '' -n "$want" chunk 2> "/dev/fd/$ERR_FD"; then
+      stdin_error
       text+=$chunk
       total=$((total + ${#chunk}))
       break

@@ -263,3 +263,21 @@ def test_unsafe_lock_file_is_config_invalid(signer, keyed, how):
         os.chown(lock, 65534, 65534)
     assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "CONFIG_INVALID", 64)
     assert not (token.home / "elsewhere").exists()
+
+
+def test_missing_lock_directory_is_config_invalid(signer, keyed):
+    token, _ = keyed
+    args = [*token.args(), "--lock-dir", str(token.home / "no-such-dir")]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "CONFIG_INVALID", 64)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "base64"])
+def test_unreadable_stdin_is_input_invalid(signer, keyed, encoding):
+    token, _ = keyed
+    fd = os.open(token.home / "sink", os.O_WRONLY | os.O_CREAT)  # read() fails: EBADF
+    try:
+        result = signer([*token.args(), "--input", encoding], None, env=token.env,
+                        cwd=token.home, stdin=fd)
+    finally:
+        os.close(fd)
+    assert_failure(result, "INPUT_INVALID", 65)

@@ -331,3 +331,11 @@ def test_every_system_call_of_a_signature_passes_the_unit_filter(keyed, tmp_path
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(), re.M))
     assert {"execve", "prctl", "setsid", "pidfd_open"} <= used  # the trace is real
     assert used - allowed_syscalls() == set()
+
+
+@pytest.mark.parametrize("env", [{"LAP_PKCS11_CLIENT_TIMEOUT_MS": "soon"},
+                                 {"SIGNER_TIMEOUT_SECONDS": "0.2"}])
+def test_client_bad_deadline_is_config_invalid(tmp_path, env):
+    result = client(tmp_path / "absent.sock", b"aGVsbG8=\n",
+                    env={"PATH": os.environ["PATH"], **env})
+    assert_failure(result, "CONFIG_INVALID", 64)
