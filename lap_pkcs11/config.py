@@ -63,21 +63,23 @@ class Config:
 
 
 def _describe(option, source):
-    if source == "flag":
-        return option.flag
-    return f"{source.split(':', 1)[1]} (from the {'env file' if source.startswith('file') else 'environment'})"
+    """How to name an option in an error: its flag, or the variable that set it."""
+    if ":" not in source:
+        return option.flag or option.envs[0]
+    where = "env file" if source.startswith("file:") else "environment"
+    return f"{source.split(':', 1)[1]} (from the {where})"
 
 
 def env_file_path(flag_value, environ):
-    """The env file to read and whether it was asked for explicitly, or (None, False)."""
+    """The env file to read: the flag's, LAP_PKCS11_ENV_FILE's, ./.env.pkcs11, or None."""
     if flag_value is not None:
-        return flag_value, True
+        return flag_value
     named = environ.get("LAP_PKCS11_ENV_FILE")
     if named:
-        return named, True
+        return named
     if os.path.isfile(DEFAULT_ENV_FILE):
-        return DEFAULT_ENV_FILE, False
-    return None, False
+        return DEFAULT_ENV_FILE
+    return None
 
 
 def env_file_source(flags, environ, path):
@@ -91,7 +93,7 @@ def env_file_source(flags, environ, path):
 
 def raw_layers(flags, environ):
     """Pick each option's raw text and source by precedence, before parsing."""
-    path, _ = env_file_path(flags.get("env_file"), environ)
+    path = env_file_path(flags.get("env_file"), environ)
     file_env = envfile.load(path) if path is not None else {}
     raw = {}
     for option in OPTIONS:

@@ -51,7 +51,7 @@ def _provider(raw, option):
 def load(flags, environ=None):
     """Resolve ``flags`` (attr -> raw text) the way ``config.resolve`` does, into a Config."""
     environ = dict(os.environ) if environ is None else environ
-    path, _ = configuration.env_file_path(flags.get("env_file"), environ)
+    path = configuration.env_file_path(flags.get("env_file"), environ)
     file_env = envfile.load(path) if path is not None else {}  # The same strict check as sign.
     try:
         dotenv = DotEnvSettingsSource(Settings, env_file=path, case_sensitive=True,

@@ -147,12 +147,8 @@ def sign(config, message, environ, deadline):
     check_message(message)
     env = config.child_environment(environ)
     pin_env = read_pin(config, env)
-    if not os.path.isfile(config.module):
-        raise errors.ModuleLoadFailed(f"PKCS#11 module {config.module} does not exist; fix --module")
-    tool_path = tool.find_program(config.pkcs11_tool, env)
-    if tool_path is None:
-        raise errors.ToolNotFound(f"{config.pkcs11_tool} not found; install OpenSC "
-                                  "(apt-get install opensc) or set --pkcs11-tool")
+    tool.require_module(config)
+    tool_path = tool.require_tool(config, env)
     path = lock_path(config, env)
     lock = acquire_lock(path, deadline) if path else None
     try:

@@ -39,11 +39,7 @@ class Session:
         self.config = config
         self.environ = dict(os.environ) if environ is None else environ
         self.env = config.child_environment(self.environ)
-        path = tool.find_program(config.pkcs11_tool, self.env)
-        if path is None:
-            raise errors.ToolNotFound(f"{config.pkcs11_tool} not found; install OpenSC "
-                                      "(apt-get install opensc) or set --pkcs11-tool")
-        self.tool = path
+        self.tool = tool.require_tool(config, self.env)
         self.pin_env = None
 
     def login(self):
@@ -68,9 +64,7 @@ class Session:
         return result.stdout.decode("utf-8", "replace")
 
     def check_module(self):
-        if not os.path.isfile(self.config.module):
-            raise errors.ModuleLoadFailed(
-                f"PKCS#11 module {self.config.module} does not exist; fix --module")
+        tool.require_module(self.config)
         return self.run(tool.module_argv(self.tool, self.config, "--show-info"))
 
     def tokens(self):

@@ -91,6 +91,22 @@ def find_program(name, environ):
     return None
 
 
+def require_tool(config, env):
+    """The configured pkcs11-tool's path, or ToolNotFound."""
+    path = find_program(config.pkcs11_tool, env)
+    if path is None:
+        raise errors.ToolNotFound(f"{config.pkcs11_tool} not found; install OpenSC "
+                                  "(apt-get install opensc) or set --pkcs11-tool")
+    return path
+
+
+def require_module(config):
+    """A module path that names no file fails here, before pkcs11-tool runs."""
+    if not os.path.isfile(config.module):
+        raise errors.ModuleLoadFailed(f"PKCS#11 module {config.module} does not exist; "
+                                      "fix --module")
+
+
 def setpriv_path():
     """util-linux's setpriv, which arms the parent-death signal before exec."""
     for path in SETPRIV_CANDIDATES:
