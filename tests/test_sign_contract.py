@@ -5,7 +5,6 @@ the shell mirror), so the two cannot drift apart.
 """
 
 import base64
-import binascii
 import os
 
 import pytest

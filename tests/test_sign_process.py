@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import FAKE_TOOL, USER_PIN, assert_failure, gateway_decode, verify
+from conftest import USER_PIN, assert_failure, gateway_decode, verify
 from test_sign_errors import alive, fake
 
 MESSAGE = b"\x00lap receipt\x00" * 40
