@@ -100,6 +100,77 @@ def lock_path(config, env):
     return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{name}.lock")
 
 
+class PinGuard:
+    """Remembers a PIN the token rejected, so that no later call tries it again.
+
+    Real tokens lock the user PIN after a few wrong tries, and the gateway runs
+    the signer for every signature: without this, one wrong PIN would lock the
+    token within seconds. The marker beside the lock file holds
+    sha256(host secret, newline, PIN), never the PIN; marker and secret are the
+    signer user's own files (0600, never through a symlink), and that user can
+    read the PIN itself anyway. The shell mirror reads and writes the same files.
+    """
+
+    def __init__(self, lock_file):
+        self.marker = lock_file[: -len(".lock")] + ".pin-rejected"
+        self.secret_file = os.path.join(os.path.dirname(lock_file),
+                                        f"lap-pkcs11-{os.geteuid()}.secret")
+
+    def _read(self, path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(256).split(b"\n", 1)[0].decode("ascii", "replace")
+
+    def _write(self, path, text, exclusive):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_EXCL if exclusive else os.O_TRUNC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        return True
+
+    def _fingerprint(self, pin, create):
+        secret = self._read(self.secret_file)
+        if not secret and create:
+            fresh = os.urandom(32).hex()
+            secret = fresh if self._write(self.secret_file, fresh, exclusive=True) else \
+                self._read(self.secret_file)
+        if not secret:
+            return None
+        from hashlib import sha256
+
+        return sha256(secret.encode() + b"\n" + pin.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def check(self, pin):
+        """Refuse a PIN the token has rejected before, without asking the token."""
+        if not os.path.exists(self.marker):
+            return
+        seen = self._read(self.marker)
+        if seen and seen == self._fingerprint(pin, create=False):
+            raise errors.PinIncorrect(
+                "the token rejected this PIN before and it is not tried again, so the token "
+                f"cannot lock; fix the PIN (if the token's PIN was changed to it, remove "
+                f"{self.marker})")
+
+    def remember(self, pin):
+        fingerprint = self._fingerprint(pin, create=True)
+        if fingerprint:
+            self._write(self.marker, fingerprint, exclusive=False)
+
+    def forget(self):
+        if os.path.exists(self.marker):
+            try:
+                os.unlink(self.marker)
+            except FileNotFoundError:
+                pass
+
+
 def acquire_lock(path, deadline):
     """Open and flock ``path`` (ours alone, never through a symlink) before ``deadline``."""
     try:
@@ -150,16 +221,25 @@ def sign(config, message, environ, deadline):
     tool.require_module(config)
     tool_path = tool.require_tool(config, env)
     path = lock_path(config, env)
+    guard = PinGuard(path) if path else None
+    if guard is not None:
+        guard.check(env[pin_env])
     lock = acquire_lock(path, deadline) if path else None
     try:
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
         result = tool.run(tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"),
                           env, deadline, stdin_data=message)
+        if result.status != 0:
+            raise tool.classify(result)
+    except errors.PinIncorrect:
+        if guard is not None:
+            guard.remember(env[pin_env])
+        raise
     finally:
         if lock is not None:
             os.close(lock)
-    if result.status != 0:
-        raise tool.classify(result)
+    if guard is not None:
+        guard.forget()
     signature = result.stdout
     if len(signature) != 64:
         raise errors.SigningFailed(f"pkcs11-tool printed {len(signature)} bytes, not a "

@@ -450,9 +450,43 @@ start_lock() {
   { exec {LOCK_FD}<>"$path"; } 2>/dev/null \
     || fail CONFIG_INVALID "lock file $path cannot be opened; set --lock-dir to a private directory"
   [[ -O $path ]] || fail CONFIG_INVALID "lock file $path belongs to another user; set --lock-dir to a private directory"
+  MARKER=${path%.lock}.pin-rejected
+  SECRET_FILE=$dir/lap-pkcs11-$EUID.secret
   remaining || fail TIMEOUT "the deadline passed before the token could be locked; raise --timeout-ms"
   setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" &
   LOCKER=$!
+}
+
+# The PIN guard (as lap_pkcs11/signer.py's PinGuard): a PIN the token rejected
+# is remembered as sha256(host secret, newline, PIN) beside the lock file and
+# never tried again, so a wrong PIN cannot lock a real token.
+pin_fingerprint() {
+  local secret="" line
+  if [[ ! -L $SECRET_FILE ]]; then IFS= read -r secret 2>/dev/null < "$SECRET_FILE" || true; fi
+  if [[ -z $secret && $1 == create && ! -L $SECRET_FILE ]]; then
+    secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+    { set -C; printf '%s\n' "$secret" > "$SECRET_FILE"; } 2>/dev/null \
+      || IFS= read -r secret 2>/dev/null < "$SECRET_FILE" || true
+    set +C
+  fi
+  [[ -n $secret ]] || return 1
+  read -r REPLY _ < <(printf '%s\n%s' "$secret" "${!PIN_ENV}" | sha256sum)
+}
+
+check_pin_guard() {
+  [[ -n ${MARKER-} && -e $MARKER && ! -L $MARKER ]] || return 0
+  local seen=""
+  IFS= read -r seen 2>/dev/null < "$MARKER" || true
+  if pin_fingerprint check && [[ -n $seen && $seen == "$REPLY" ]]; then
+    fail PIN_INCORRECT "the token rejected this PIN before and it is not tried again, so the token cannot lock; fix the PIN (if the token's PIN was changed to it, remove $MARKER)"
+  fi
+}
+
+remember_rejected_pin() {
+  [[ -n ${MARKER-} && ! -L $MARKER ]] || return 0
+  if pin_fingerprint create; then
+    printf '%s\n' "$REPLY" 2>/dev/null > "$MARKER" || true
+  fi
 }
 
 await_lock() {
@@ -516,7 +550,7 @@ classify() {
     *"Failed to load pkcs11 module"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module and the module's own configuration" ;;
     *"sc_dlopen failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module" ;;
     *"C_Initialize failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module failed to initialise; check its configuration (e.g. SOFTHSM2_CONF)" ;;
-    *CKR_PIN_INCORRECT*) fail PIN_INCORRECT "the token rejected the PIN; fix the PIN (real tokens lock after a few wrong tries)" ;;
+    *CKR_PIN_INCORRECT*) remember_rejected_pin; fail PIN_INCORRECT "the token rejected the PIN; fix the PIN (real tokens lock after a few wrong tries)" ;;
     *CKR_PIN_LEN_RANGE*) fail PIN_INCORRECT "the token rejected the PIN's length; fix the PIN" ;;
     *CKR_PIN_LOCKED*) fail PIN_LOCKED "the user PIN is locked; unlock it with the SO PIN" ;;
     *CKR_PIN_EXPIRED*) fail PIN_LOCKED "the user PIN has expired; set a new one" ;;
@@ -675,6 +709,7 @@ main() {
   [[ -f ${VAL[module]} ]] || fail MODULE_LOAD_FAILED "PKCS#11 module ${VAL[module]} does not exist; fix --module"
   find_tool
   start_lock
+  check_pin_guard
   [[ -z ${DECODER-} ]] || wait "$DECODER" || fail INPUT_INVALID "stdin could not be decoded as base64"
   await_lock
   selector_args
@@ -682,6 +717,7 @@ main() {
   run_tool base64 "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --sign \
     --mechanism "${VAL[mechanism]}" --id "$KEY_ID" --input-file "/dev/fd/$MSG_FD"
   ((STATUS == 0)) || classify
+  if [[ -n ${MARKER-} && -e $MARKER ]]; then rm -f -- "$MARKER"; fi
   local signature=""
   IFS= read -r -N 65536 signature < "/dev/fd/$SIG_FD" || true
   check_signature "$signature"
