@@ -12,7 +12,7 @@ import sys
 import time
 
 from lap_pkcs11 import errors, wire
-from lap_pkcs11.sign_cli import READ_LIMIT, run, write_stdout
+from lap_pkcs11.sign_cli import run, write_stdout
 
 
 class Request:
@@ -66,7 +66,3 @@ def main(args, started=None):
         sys.stderr.write(failure.line() + "\n")
         return failure.exit_code
     return 0
-
-
-if READ_LIMIT < wire.MAX_HEADER:  # pragma: no cover - a guard on the constants
-    raise AssertionError("READ_LIMIT must exceed the header size")

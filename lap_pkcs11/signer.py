@@ -199,7 +199,7 @@ def resolve_key_id(config, tool_path, env, pin_env, deadline):
     """The CKA_ID to sign with: the configured id, or the id of the one key with the label."""
     if config.key_id is not None:
         return config.key_id
-    result = tool.run(tool.list_keys_argv(tool_path, config, pin_env), env, deadline)
+    result = tool.run(tool.list_objects_argv(tool_path, config, "privkey", pin_env), env, deadline)
     if result.status != 0:
         raise tool.classify(result)
     ids = {key.id for key in tool.parse_objects(result.stdout.decode("utf-8", "replace"))

@@ -1,6 +1,6 @@
 """The one place that runs pkcs11-tool.
 
-``sign_argv`` and ``list_keys_argv`` build argument vectors (pure functions, and
+``sign_argv``, ``list_objects_argv`` and their siblings build argument vectors (pure functions, and
 never with the PIN in them: it travels as ``--pin env:NAME``). ``run`` starts the
 tool with no shell, in a new session (so it has no terminal to prompt on and its
 whole process group can be killed), under ``setpriv --pdeathsig KILL`` (so it dies
@@ -49,12 +49,6 @@ def sign_argv(tool, config, key_id, pin_env, input_path):
     return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
             "--sign", "--mechanism", config.mechanism, "--id", key_id,
             "--input-file", input_path]
-
-
-def list_keys_argv(tool, config, pin_env):
-    """The pkcs11-tool argv that lists the token's private keys (after login)."""
-    return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
-            "--list-objects", "--type", "privkey"]
 
 
 def list_objects_argv(tool, config, kind, pin_env=None):

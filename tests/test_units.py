@@ -34,7 +34,7 @@ def test_sign_argv_never_carries_the_pin_and_reads_the_memfd():
     ({}, []),
 ])
 def test_argv_token_selectors(overrides, selector):
-    argv = tool.list_keys_argv("pkcs11-tool", config(**overrides), "PIN_VAR")
+    argv = tool.list_objects_argv("pkcs11-tool", config(**overrides), "privkey", "PIN_VAR")
     assert argv == ["pkcs11-tool", "--module", "/m.so", *selector, "--login", "--pin",
                     "env:PIN_VAR", "--list-objects", "--type", "privkey"]
 
