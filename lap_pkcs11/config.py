@@ -15,7 +15,7 @@ import os
 
 from lap_pkcs11 import envfile
 from lap_pkcs11.errors import ConfigInvalid
-from lap_pkcs11.options import DEFAULT_ENV_FILE, OPTIONS
+from lap_pkcs11.options import OPTIONS
 
 # Variables that make OpenSC or its spy module log PIN-bearing traffic: they never
 # reach pkcs11-tool, whatever the gateway's environment holds.
@@ -71,15 +71,15 @@ def _describe(option, source):
 
 
 def env_file_path(flag_value, environ):
-    """The env file to read: the flag's, LAP_PKCS11_ENV_FILE's, ./.env.pkcs11, or None."""
+    """The env file to read: the flag's, LAP_PKCS11_ENV_FILE's, or None.
+
+    There is no implicit file in the working directory: the gateway's working
+    directory is no place for the signer's configuration, and a file there may
+    belong to anyone who can write to it.
+    """
     if flag_value is not None:
         return flag_value
-    named = environ.get("LAP_PKCS11_ENV_FILE")
-    if named:
-        return named
-    if os.path.isfile(DEFAULT_ENV_FILE):
-        return DEFAULT_ENV_FILE
-    return None
+    return environ.get("LAP_PKCS11_ENV_FILE") or None
 
 
 def env_file_source(flags, environ, path):
@@ -88,7 +88,7 @@ def env_file_source(flags, environ, path):
         return "unset"
     if "env_file" in flags:
         return "flag"
-    return "env:LAP_PKCS11_ENV_FILE" if environ.get("LAP_PKCS11_ENV_FILE") else "default"
+    return "env:LAP_PKCS11_ENV_FILE"
 
 
 def raw_layers(flags, environ):

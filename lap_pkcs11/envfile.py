@@ -8,10 +8,26 @@ else is refused with the line number, so a file never means one thing to the
 signer and another to the tools around it. ``${VAR}`` expansion is refused rather
 than guessed at.
 
-This module is on the per-signature path: it imports nothing.
+One grammar for every reader (this one, ``config``/``doctor`` through it, and the
+shell mirror): lines end in LF or CRLF; a bare CR, any other control character
+but TAB, DEL, U+0085, U+2028 and U+2029 are refused wherever they stand, because
+some reader takes them for a line break or for whitespace; whitespace is space
+and TAB. A file over 1 MiB is refused, never cut.
+
+This module is on the per-signature path: it imports only what Python has built in.
 """
 
 from lap_pkcs11.errors import ConfigInvalid
+from lap_pkcs11.files import read_named_file
+
+MAX_SIZE = 1 << 20
+# Characters that some reader or other takes for a line break or whitespace (Python's
+# str.splitlines and str.strip, bash's [[:space:]], python-dotenv): refused anywhere,
+# so that a file can never mean one thing to one reader and another to the next.
+# TAB is the one control character allowed; CR only as part of a CRLF line end.
+_AMBIGUOUS = frozenset([chr(c) for c in range(0x20) if c != 0x09] + ["\x7f", "\x85", "\u2028",
+                                                                        "\u2029"])
+_BLANKS = " \t"
 
 _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f",
             "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -48,7 +64,7 @@ def _value(rest):
     if rest[:1] in ("'", '"'):
         quote = rest[0]
         value, tail = _quoted(rest, quote)
-        tail = tail.strip()
+        tail = tail.strip(_BLANKS)
         if tail and not tail.startswith("#"):
             raise ValueError("unexpected text after the closing quote")
         if quote == '"' and "${" in value:
@@ -59,27 +75,43 @@ def _value(rest):
         if c == "#" and (i == 0 or rest[i - 1] in " \t"):
             cut = i
             break
-    value = rest[:cut].strip()
+    value = rest[:cut].strip(_BLANKS)
     if "${" in value:
         raise ValueError("${...} expansion is not supported; write the value out")
     return value
 
 
+def _lines(text):
+    """The lines of ``text``: LF or CRLF line ends only; anything ambiguous is refused."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        ends_with_lf = number < len(lines) or text.endswith("\n")
+        if line.endswith("\r") and ends_with_lf:
+            line = line[:-1]
+        if not _AMBIGUOUS.isdisjoint(line):
+            bad = next(c for c in line if c in _AMBIGUOUS)
+            raise ValueError(f"line {number} holds the character U+{ord(bad):04X}, which readers "
+                             "disagree on; use LF or CRLF line ends and no control characters")
+        yield number, line
+
+
 def parse(text):
     """Parse dotenv ``text`` into an ordered dict; raise ValueError naming the line."""
     values = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    for number, raw in _lines(text):
+        line = raw.strip(_BLANKS)
         if not line or line.startswith("#"):
             continue
         if line.startswith("export ") or line.startswith("export\t"):
-            line = line[7:].lstrip()
+            line = line[7:].lstrip(_BLANKS)
         key, sep, rest = line.partition("=")
-        key = key.rstrip()
+        key = key.rstrip(_BLANKS)
         if not sep or not _is_key(key):
             raise ValueError(f"line {number} is not KEY=VALUE")
         try:
-            values[key] = _value(rest.lstrip())
+            values[key] = _value(rest.lstrip(_BLANKS))
         except ValueError as err:
             raise ValueError(f"line {number}: {err}") from None
     return values
@@ -87,14 +119,9 @@ def parse(text):
 
 def load(path):
     """Read and parse the env file at ``path``; every failure is ConfigInvalid."""
+    data = read_named_file(path, "env file", MAX_SIZE)
+    # Bytes that are not UTF-8 pass through unchanged, as they do for the shell mirror.
     try:
-        # Bytes that are not UTF-8 pass through unchanged, as they do for the shell mirror.
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            text = handle.read(1 << 20)
-    except OSError as err:
-        raise ConfigInvalid(f"env file {path} cannot be read ({err.strerror}); "
-                            "fix the path in --env-file or LAP_PKCS11_ENV_FILE") from None
-    try:
-        return parse(text)
+        return parse(data.decode("utf-8", "surrogateescape"))
     except ValueError as err:
         raise ConfigInvalid(f"env file {path}: {err}") from None

@@ -133,7 +133,7 @@ OPTIONS = (
     Option("timeout_ms", "--timeout-ms", ("LAP_PKCS11_TIMEOUT_MS", "SIGNER_TIMEOUT_MS"), "1500",
            _timeout_ms, "N", "Hard deadline for the whole command, in milliseconds."),
     Option("env_file", "--env-file", ("LAP_PKCS11_ENV_FILE",), None, _text, "PATH",
-           "dotenv file (default: .env.pkcs11 when it exists); the real environment wins."),
+           "dotenv file, read as data; the real environment wins over it."),
     Option("pkcs11_tool", "--pkcs11-tool", ("LAP_PKCS11_TOOL",), "pkcs11-tool", _text, "PATH",
            "The pkcs11-tool program (default: found on PATH)."),
     Option("expect_public_key", "--expect-public-key",
@@ -148,5 +148,3 @@ OPTIONS = (
 
 BY_FLAG = {option.flag: option for option in OPTIONS if option.flag}
 BY_ATTR = {option.attr: option for option in OPTIONS}
-
-DEFAULT_ENV_FILE = ".env.pkcs11"

@@ -2,7 +2,7 @@
 
 The settings model is generated from ``lap_pkcs11.options.OPTIONS``, so every
 option keeps one definition; pydantic-settings layers the sources (flags, then
-the real environment, then the env file read by python-dotenv, then defaults),
+the real environment, then the env file as lap_pkcs11.envfile reads it, then defaults),
 and the values go through the same parsers and cross-option rules as the lean
 ``sign`` path. A test proves that this resolver and ``lap_pkcs11.config.resolve``
 agree on every input.
@@ -12,11 +12,10 @@ import os
 from typing import Optional
 
 from pydantic import AliasChoices, Field, create_model
-from pydantic_settings import BaseSettings, DotEnvSettingsSource, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from lap_pkcs11 import config as configuration
 from lap_pkcs11 import envfile
-from lap_pkcs11.errors import ConfigInvalid
 from lap_pkcs11.options import BY_ATTR, OPTIONS
 
 _CONFIG = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="ignore",
@@ -52,20 +51,15 @@ def load(flags, environ=None):
     """Resolve ``flags`` (attr -> raw text) the way ``config.resolve`` does, into a Config."""
     environ = dict(os.environ) if environ is None else environ
     path = configuration.env_file_path(flags.get("env_file"), environ)
-    file_env = envfile.load(path) if path is not None else {}  # The same strict check as sign.
-    try:
-        dotenv = DotEnvSettingsSource(Settings, env_file=path, case_sensitive=True,
-                                      env_ignore_empty=True) if path is not None else None
-    except UnicodeDecodeError:
-        raise ConfigInvalid(f"env file {path} is not UTF-8 text; the administrative "
-                            "commands read it with python-dotenv, which needs UTF-8") from None
+    # The env file is read once, by the same strict reader as sign's: one grammar.
+    file_env = envfile.load(path) if path is not None else {}
     # (label, the raw variables that label reads, the source's data for pydantic)
     # pydantic-settings keys every source by an option's first variable; so do the flags.
     given = {BY_ATTR[attr].envs[0]: text for attr, text in flags.items() if attr != "env_file"}
     layers = [("flag", {}, given),
               ("env", environ, _Environment(Settings, environ)())]
-    if dotenv is not None:
-        layers.append(("file", dotenv.env_vars, dotenv()))
+    if path is not None:
+        layers.append(("file", file_env, _Environment(Settings, file_env)()))
 
     class Layered(Settings):
         @classmethod
