@@ -120,9 +120,7 @@ def _token_checks(report, config, environ):
         report.fail("PIN accepted", err)
         return
     report.add("PIN accepted", "pass", f"PIN from {_pin_source(config)}")
-    lock_file = signer.lock_path(config, session.env)
-    if lock_file is not None:
-        signer.PinGuard(lock_file).forget()  # the token took it: sign may try it again
+    signer.forget_rejected_pin(config, session.env)  # the token took it: sign may try it again
     try:
         key = session.private_key()
     except errors.SignerError as err:

@@ -9,13 +9,14 @@ new process, and those imports alone cost many times a signature).
 
 import binascii
 import os
-import sys
+import select
 import time
 
 from lap_pkcs11 import config as configuration
-from lap_pkcs11 import errors
+from lap_pkcs11 import errors, process
 from lap_pkcs11.options import BY_FLAG, OPTIONS
 from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
+from lap_pkcs11.tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
 # beyond this is refused unread, so a huge stdin costs neither time nor memory.
@@ -90,10 +91,23 @@ def check_gateway_input(config, environ):
             "add --input base64 to SIGNER_CMD (or set --input raw explicitly)")
 
 
-def read_stdin(limit):
-    """Up to ``limit`` + 1 bytes of stdin (one more tells that it was too long)."""
+def read_stdin(limit, deadline=None):
+    """Up to ``limit`` + 1 bytes of stdin (one more tells that it was too long).
+
+    With ``deadline`` (monotonic seconds), a writer that has not finished by then
+    (one byte at a time, or never closing) is TIMEOUT, not a hang.
+    """
+    poller = None
+    if deadline is not None:
+        poller = select.poll()
+        poller.register(0, select.POLLIN)
     chunks, size = [], 0
     while size <= limit:
+        if poller is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise errors.Timeout("stdin did not end before the deadline; the caller must "
+                                     "write the whole message and close stdin")
         try:
             chunk = os.read(0, limit + 1 - size)
         except OSError as err:
@@ -105,7 +119,7 @@ def read_stdin(limit):
     return b"".join(chunks)
 
 
-def read_message(encoding, read=read_stdin):
+def read_message(encoding, read):
     """The message to sign, decoded by ``encoding`` (raw or base64) from ``read(limit)``."""
     if encoding == "raw":
         # One byte over the limit is enough for sign's check_message to refuse it.
@@ -135,18 +149,44 @@ def encode(signature, encoding):
 
 def write_stdout(data):
     try:
-        while data:
-            data = data[os.write(1, data):]
+        process.write_all(1, data)
     except OSError as err:
         raise errors.SigningFailed(f"stdout cannot be written ({err.strerror})") from None
 
 
-def run(args, started, read=read_stdin, caller_deadline=None):
+def write_stderr(text):
+    """The one stderr line; a stderr that cannot take it changes nothing else."""
+    try:
+        process.write_all(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+class Announcer:
+    """Writes a failure line at once (the deadline passed while pkcs11-tool finishes
+    its grace), so that the caller is answered in time and the line is written once."""
+
+    def __init__(self, write=None):
+        self.write = write
+        self.done = False
+
+    def __call__(self, error):
+        if self.write is not None and not self.done:
+            self.done = True
+            self.write(error.line() + "\n")
+
+
+def run(args, started, read=None, caller_deadline=None, caller_end=None, announce=None):
     """Sign as ``args`` say; return (exit code, stdout bytes, stderr text).
 
-    ``read(limit)`` supplies the input; ``caller_deadline`` (monotonic seconds),
-    when given, caps the deadline, as the socket client's does.
+    ``read(limit)`` supplies the input (default: stdin under the deadline);
+    ``caller_deadline`` (monotonic seconds), when given, caps the deadline, as the
+    socket client's does; ``caller_end`` is when whoever waits for us gives up (a
+    running pkcs11-tool is killed before it); ``announce`` (an ``Announcer``)
+    writes a TIMEOUT line at the deadline itself. A line already announced is not
+    returned again.
     """
+    announce = announce or Announcer()
     debug = "--debug" in args
     try:
         flags, debug, want_help = parse_args(args)
@@ -155,14 +195,18 @@ def run(args, started, read=read_stdin, caller_deadline=None):
         environ = dict(os.environ)
         config = configuration.resolve(flags, environ)
         check_gateway_input(config, environ)
-        deadline = started + config.deadline_ms() / 1000
+        end = started + config.deadline_ms() / 1000
         if caller_deadline is not None:
-            deadline = min(deadline, caller_deadline)
-        message = read_message(config.input, read)
+            end = min(end, caller_deadline)
+        if caller_end is None and config.caller_timeout_ms is not None:
+            caller_end = started + config.caller_timeout_ms / 1000
+        deadline = Deadline(end, caller_end, announce)
+        message = read_message(config.input, read or (
+            lambda limit: read_stdin(limit, deadline.end)))
         signature = sign(config, message, environ, deadline)
         return 0, encode(signature, config.output), ""
     except errors.SignerError as err:
-        return err.exit_code, b"", err.line() + "\n"
+        return err.exit_code, b"", "" if announce.done else err.line() + "\n"
     except Exception as err:  # A bug must still fail closed, in one line.
         if debug:
             import traceback
@@ -170,18 +214,34 @@ def run(args, started, read=read_stdin, caller_deadline=None):
             traceback.print_exc()
         failure = errors.SigningFailed(
             f"internal error ({type(err).__name__}); rerun with --debug and report it")
-        return failure.exit_code, b"", failure.line() + "\n"
+        return failure.exit_code, b"", "" if announce.done else failure.line() + "\n"
 
 
 def main(args, started=None):
     """Run ``sign`` with ``args``; return the exit code."""
     started = time.monotonic() if started is None else started
-    code, out, err = run(args, started)
+    try:
+        closed = process.harden()
+        process.install_signal_handlers()
+    except errors.SignerError as err:
+        write_stderr(err.line() + "\n")
+        return err.exit_code
+    if 1 in closed:
+        failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
+                                       "signature, so nothing was signed")
+        write_stderr(failure.line() + "\n")
+        return failure.exit_code
+    announce = Announcer(write_stderr)
+    try:
+        code, out, err = run(args, started, announce=announce)
+        process.ignore_signals()
+    except errors.SignerError as failure:  # a signal between the answer and ignoring signals
+        code, out, err = failure.exit_code, b"", "" if announce.done else failure.line() + "\n"
     if out:
         try:
             write_stdout(out)
         except errors.SignerError as failure:
             code, err = failure.exit_code, failure.line() + "\n"
     if err:
-        sys.stderr.write(err)
+        write_stderr(err)
     return code

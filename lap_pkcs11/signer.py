@@ -12,11 +12,12 @@ import fcntl
 import os
 import time
 
-from lap_pkcs11 import errors, tool
+from lap_pkcs11 import errors, files, tool
 
 # pkcs11-tool reads at most 1025 bytes with one read() and falls back to
 # multi-part signing beyond 1024, which EdDSA tokens refuse.
 MAX_MESSAGE = 1024
+PIN_FILE_LIMIT = 4096
 LOCK_POLL_SECONDS = 0.002
 # Lock names keep [A-Za-z0-9._-] and make every other byte "_", as the shell mirror does.
 _LOCK_NAME_BYTES = {byte: "_" for byte in range(256)
@@ -61,13 +62,8 @@ def read_pin(config, env):
         if env.get(name):
             raise errors.ConfigInvalid(
                 f"the PIN is given twice: in {name} and in --pin-file; remove one")
-        try:
-            with open(config.pin_file, "rb") as handle:
-                first = handle.read(4096).split(b"\n", 1)[0].rstrip(b"\r")
-        except OSError as err:
-            raise errors.ConfigInvalid(
-                f"PIN file {config.pin_file} cannot be read ({err.strerror}); "
-                "fix --pin-file or its permissions") from None
+        data = files.read_named_file(config.pin_file, "PIN file", PIN_FILE_LIMIT, secret=True)
+        first = data.split(b"\n", 1)[0].rstrip(b"\r")
         # Bytes that are not UTF-8 still reach pkcs11-tool unchanged (PINs are bytes).
         pin = Secret(first.decode("utf-8", "surrogateescape"))
         if not pin.reveal():
@@ -81,23 +77,28 @@ def read_pin(config, env):
     return name
 
 
-def lock_path(config, env):
-    """The lock file that serialises token access through this module, or None.
-
-    One lock per module path and SoftHSM2 configuration (``env`` is pkcs11-tool's
-    environment): SoftHSM2 rewrites token files at every login, and a concurrent
-    reader of the same token store then sees no token. The name is built the same
-    way by the shell mirror, so both serialise against each other.
-    """
+def state_dir(config, env):
+    """The private directory of the lock and PIN-guard files, or None (``--lock-dir none``)."""
     folder = config.lock_dir
     if folder == "none":
         return None
-    if folder is None:
-        folder = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
-            env.get("XDG_RUNTIME_DIR") or "/tmp"
-    scope = f"{config.module}\n{env.get('SOFTHSM2_CONF', '')}".encode()
-    name = scope.decode("latin-1").translate(_LOCK_NAME_BYTES)[:160]
-    return os.path.join(folder, f"lap-pkcs11-{os.geteuid()}-{name}.lock")
+    if folder is not None:
+        return files.private_dir(folder, explicit=True)
+    base = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or env.get("XDG_RUNTIME_DIR") or "/tmp"
+    return files.private_dir(base, explicit=False)
+
+
+def lock_name(module_stat, env):
+    """The name shared by the lock file and the PIN-guard marker of one token store.
+
+    One lock per module file (its device and inode, whatever path names it) and
+    SoftHSM2 configuration (``env`` is pkcs11-tool's environment): SoftHSM2
+    rewrites token files at every login, and a concurrent reader of the same token
+    store then sees no token. The shell mirror builds the same name.
+    """
+    conf = env.get("SOFTHSM2_CONF", "").encode("utf-8", "surrogateescape")
+    conf = conf.decode("latin-1").translate(_LOCK_NAME_BYTES)[:160]
+    return f"{module_stat.st_dev}-{module_stat.st_ino}-{conf}"
 
 
 class PinGuard:
@@ -105,42 +106,50 @@ class PinGuard:
 
     Real tokens lock the user PIN after a few wrong tries, and the gateway runs
     the signer for every signature: without this, one wrong PIN would lock the
-    token within seconds. The marker beside the lock file holds
-    sha256(host secret, newline, PIN), never the PIN; marker and secret are the
-    signer user's own files (0600, never through a symlink), and that user can
-    read the PIN itself anyway. The shell mirror reads and writes the same files.
+    token within seconds. The marker holds sha256(per-user secret, newline, PIN),
+    never the PIN; marker and secret live in the signer's private state directory
+    and are refused unless they are the signer user's own 0600 files (that user
+    can read the PIN itself anyway). The guard is read and written only while the
+    token lock is held, so of many concurrent callers with one wrong PIN exactly
+    one reaches the token. The shell mirror reads and writes the same files.
     """
 
-    def __init__(self, lock_file):
-        self.marker = lock_file[: -len(".lock")] + ".pin-rejected"
-        self.secret_file = os.path.join(os.path.dirname(lock_file),
-                                        f"lap-pkcs11-{os.geteuid()}.secret")
+    LIMIT = 256
+
+    def __init__(self, folder, name):
+        self.marker = os.path.join(folder, name + ".pin-rejected")
+        self.secret_file = os.path.join(folder, "secret")
 
     def _read(self, path):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        fd = files.open_private(path, os.O_RDONLY, self.LIMIT)
+        if fd is None:
             return None
-        with os.fdopen(fd, "rb") as handle:
-            return handle.read(256).split(b"\n", 1)[0].decode("ascii", "replace")
-
-    def _write(self, path, text, exclusive):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        flags |= os.O_EXCL if exclusive else os.O_TRUNC
         try:
-            fd = os.open(path, flags, 0o600)
-        except OSError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        return True
+            return os.read(fd, self.LIMIT).split(b"\n", 1)[0].decode("ascii", "replace")
+        finally:
+            os.close(fd)
+
+    def _write(self, fd, text):
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (text + "\n").encode(), 0)
+        finally:
+            os.close(fd)
+
+    def _secret(self, create):
+        secret = self._read(self.secret_file)
+        if secret or not create:
+            return secret
+        fresh = os.urandom(32).hex()
+        try:
+            fd = files.open_private(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return self._read(self.secret_file)
+        self._write(fd, fresh)
+        return fresh
 
     def _fingerprint(self, pin, create):
-        secret = self._read(self.secret_file)
-        if not secret and create:
-            fresh = os.urandom(32).hex()
-            secret = fresh if self._write(self.secret_file, fresh, exclusive=True) else \
-                self._read(self.secret_file)
+        secret = self._secret(create)
         if not secret:
             return None
         from hashlib import sha256
@@ -149,8 +158,6 @@ class PinGuard:
 
     def check(self, pin):
         """Refuse a PIN the token has rejected before, without asking the token."""
-        if not os.path.exists(self.marker):
-            return
         seen = self._read(self.marker)
         if seen and seen == self._fingerprint(pin, create=False):
             raise errors.PinIncorrect(
@@ -160,39 +167,41 @@ class PinGuard:
 
     def remember(self, pin):
         fingerprint = self._fingerprint(pin, create=True)
-        if fingerprint:
-            self._write(self.marker, fingerprint, exclusive=False)
+        self._write(files.open_private(self.marker, os.O_WRONLY | os.O_CREAT), fingerprint)
 
     def forget(self):
-        if os.path.exists(self.marker):
+        if os.path.lexists(self.marker):
             try:
                 os.unlink(self.marker)
             except FileNotFoundError:
                 pass
 
 
+def forget_rejected_pin(config, env):
+    """Clear the PIN guard's marker (after a login that the token accepted)."""
+    folder = state_dir(config, env)
+    if folder is not None:
+        PinGuard(folder, lock_name(tool.require_module(config), env)).forget()
+
+
 def acquire_lock(path, deadline):
-    """Open and flock ``path`` (ours alone, never through a symlink) before ``deadline``."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        raise errors.ConfigInvalid(
-            f"lock file {path} cannot be opened ({err.strerror}); "
-            "set --lock-dir to a private directory") from None
-    if os.fstat(fd).st_uid != os.geteuid():
-        os.close(fd)
-        raise errors.ConfigInvalid(
-            f"lock file {path} belongs to another user; set --lock-dir to a private directory")
+    """Open and flock ``path`` (ours alone, never through a symlink) while a tool run still fits."""
+    fd = files.open_private(path, os.O_RDWR | os.O_CREAT)
+    # Waiting stops where a pkcs11-tool run would no longer fit before the deadline.
+    give_up = deadline.end - tool.MIN_TOOL_MS / 1000
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= give_up:
                 os.close(fd)
                 raise errors.Timeout("the token stayed busy with other signatures until the "
                                      "deadline; raise --timeout-ms or lower concurrency") from None
             time.sleep(LOCK_POLL_SECONDS)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 def resolve_key_id(config, tool_path, env, pin_env, deadline):
@@ -213,18 +222,11 @@ def resolve_key_id(config, tool_path, env, pin_env, deadline):
     return ids.pop()
 
 
-def sign(config, message, environ, deadline):
-    """The 64-byte Ed25519 signature of ``message``, or a SignerError."""
-    check_message(message)
-    env = config.child_environment(environ)
-    pin_env = read_pin(config, env)
-    tool.require_module(config)
-    tool_path = tool.require_tool(config, env)
-    path = lock_path(config, env)
-    guard = PinGuard(path) if path else None
+def _sign_locked(config, message, env, pin_env, tool_path, deadline, guard):
+    """The token work, under the lock: PIN guard, key id, signature."""
+    pin = env[pin_env]
     if guard is not None:
-        guard.check(env[pin_env])
-    lock = acquire_lock(path, deadline) if path else None
+        guard.check(pin)
     try:
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
         result = tool.run(tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"),
@@ -233,14 +235,36 @@ def sign(config, message, environ, deadline):
             raise tool.classify(result)
     except errors.PinIncorrect:
         if guard is not None:
-            guard.remember(env[pin_env])
+            guard.remember(pin)
         raise
-    finally:
-        if lock is not None:
-            os.close(lock)
     if guard is not None:
         guard.forget()
-    signature = result.stdout
+    return result.stdout
+
+
+def sign(config, message, environ, deadline):
+    """The 64-byte Ed25519 signature of ``message``, or a SignerError.
+
+    ``deadline`` is a ``tool.Deadline`` (or monotonic seconds).
+    """
+    if not isinstance(deadline, tool.Deadline):
+        deadline = tool.Deadline(deadline)
+    check_message(message)
+    env = config.child_environment(environ)
+    pin_env = read_pin(config, env)
+    module = tool.require_module(config)
+    tool_path = tool.require_tool(config, env)
+    folder = state_dir(config, env)
+    if folder is None:
+        signature = _sign_locked(config, message, env, pin_env, tool_path, deadline, None)
+    else:
+        name = lock_name(module, env)
+        lock = acquire_lock(os.path.join(folder, name + ".lock"), deadline)
+        try:
+            signature = _sign_locked(config, message, env, pin_env, tool_path, deadline,
+                                     PinGuard(folder, name))
+        finally:
+            os.close(lock)
     if len(signature) != 64:
         raise errors.SigningFailed(f"pkcs11-tool printed {len(signature)} bytes, not a "
                                    "64-byte Ed25519 signature; check --mechanism and the key")

@@ -45,9 +45,11 @@ def test_a_rejected_pin_is_not_tried_again_until_it_works(signer, keyed):
 def test_the_guard_files_hold_no_pin(signer, keyed):
     token, _ = keyed
     signer(token.args(), b"m", env=dict(token.env, PKCS11_PIN=WRONG), cwd=token.home)
-    files = {path.name: path for path in (token.home / "run").iterdir()}
+    state = token.home / "run" / f"lap-pkcs11-{os.geteuid()}"
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    files = {path.name: path for path in state.iterdir()}
     marker = next(path for name, path in files.items() if name.endswith(".pin-rejected"))
-    secret = files[f"lap-pkcs11-{os.geteuid()}.secret"]
+    secret = files["secret"]
     for path in (marker, secret):
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         assert WRONG not in path.read_text() and USER_PIN not in path.read_text()

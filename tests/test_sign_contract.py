@@ -93,14 +93,20 @@ def test_settings_from_env_and_env_file(signer, keyed):
     verify(public, MESSAGE, gateway_decode(result.stdout))
 
 
-def test_default_env_file_in_working_directory(signer, keyed):
+def test_no_env_file_is_read_from_the_working_directory(signer, keyed):
+    """The gateway's working directory is no place for configuration: .env.pkcs11 there
+    (anyone's file) is ignored; only --env-file or LAP_PKCS11_ENV_FILE name one."""
     token, public = keyed
     (token.home / ".env.pkcs11").write_text(
         f"LAP_PKCS11_MODULE={token.module}\nLAP_PKCS11_TOKEN_LABEL={token.label}\n"
-        "LAP_PKCS11_KEY_ID=01\nLAP_PKCS11_OUTPUT=hex\n")
-    result = signer([], MESSAGE, env=token.env, cwd=token.home)
+        "LAP_PKCS11_KEY_ID=01\nLAP_PKCS11_OUTPUT=hex\nLAP_PKCS11_TOOL=/nonexistent/pkcs11-tool\n")
+    assert_failure(signer([], MESSAGE, env=token.env, cwd=token.home), "CONFIG_INVALID", 64)
+    result = signer(token.args(), MESSAGE, env=token.env, cwd=token.home)
     assert result.returncode == 0, result.stderr
-    verify(public, MESSAGE, bytes.fromhex(result.stdout.decode()))
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+    named = signer([], MESSAGE, env=dict(token.env, LAP_PKCS11_ENV_FILE=".env.pkcs11"),
+                   cwd=token.home)
+    assert_failure(named, "TOOL_NOT_FOUND", 69)
 
 
 def test_real_environment_beats_env_file_and_flag_beats_both(signer, keyed):
@@ -119,6 +125,7 @@ def test_pin_file_as_systemd_credential(signer, keyed):
     token, public = keyed
     pin_file = token.home / "pin"
     pin_file.write_text(USER_PIN + "\nsecond line ignored\n")
+    pin_file.chmod(0o400)  # as systemd's LoadCredential= leaves it
     env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
     result = signer([*token.args(), "--pin-file", str(pin_file)], MESSAGE, env=env,
                     cwd=token.home)

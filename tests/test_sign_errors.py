@@ -160,6 +160,7 @@ def test_missing_pin_is_pin_missing(signer, keyed):
     assert_failure(signer(token.args(), MESSAGE, env=env, cwd=token.home), "PIN_MISSING", 77)
     pin_file = token.home / "pin"
     pin_file.write_text("\n")
+    pin_file.chmod(0o600)
     del env["PKCS11_PIN"]
     assert_failure(signer([*token.args(), "--pin-file", str(pin_file)], MESSAGE, env=env,
                           cwd=token.home), "PIN_MISSING", 77)
