@@ -1,4 +1,7 @@
 #!/bin/bash
+{ set +o xtrace +o verbose; } 2>/dev/null
+[[ ${SHELLOPTS@a}${BASHOPTS@a}${PS4@a}${BASH_XTRACEFD+x}${BASH_COMPAT+x} != *x* || ${BASH_SOURCE[0]} != "$0" ]] \
+  || exec env -u SHELLOPTS -u BASHOPTS -u PS4 -u BASH_XTRACEFD -u BASH_COMPAT "$BASH" -- "$0" "$@"
 # Usage: pkcs11_signer.sh [OPTIONS] < message > signature
 #
 # The shell mirror of `lap-pkcs11 sign`, for hosts with only bash, coreutils,
@@ -21,19 +24,31 @@
 #   --input raw|base64        default raw; the LAP gateway sends base64 [LAP_PKCS11_INPUT]
 #   --output base64|hex|raw   default base64 [LAP_PKCS11_OUTPUT, SIGNER_OUTPUT]
 #   --timeout-ms N            default 1500 [LAP_PKCS11_TIMEOUT_MS, SIGNER_TIMEOUT_MS]
-#   --env-file PATH           dotenv data file, default .env.pkcs11 if present [LAP_PKCS11_ENV_FILE]
+#   --env-file PATH           dotenv data file; none unless named [LAP_PKCS11_ENV_FILE]
 #   --pkcs11-tool PATH        default pkcs11-tool on PATH [LAP_PKCS11_TOOL]
 #   --expect-public-key HEX   pinned key, checked with openssl
 #                             [LAP_PKCS11_EXPECT_PUBLIC_KEY, LAP_GATEWAY_PUBLIC_KEY_HEX]
-#   --lock-dir PATH           lock file directory, or none [LAP_PKCS11_LOCK_DIR]
+#   --lock-dir PATH           private lock directory, or none [LAP_PKCS11_LOCK_DIR]
+#                             (default $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp,
+#                             in a lap-pkcs11-<uid> directory of its own)
 #   -h, --help                show this help
 # SIGNER_TIMEOUT_SECONDS (the gateway's deadline) caps the deadline, less 250 ms.
-set -Eeuo pipefail
+# The env file and the PIN file must be regular files of this user or root that
+# no one else may write (the PIN file: that others cannot read either).
+set -Eeuo pipefail +o posix
 LC_ALL=C
+ulimit -c 0
 
 readonly MAX_MESSAGE=1024
 readonly READ_LIMIT=$((4 * ((MAX_MESSAGE + 2) / 3) + 4096))
 readonly CALLER_MARGIN_MS=250 MIN_DEADLINE_MS=50
+# pkcs11-tool is never started with less than MIN_TOOL_MS left (its normal run
+# here: 13 ms p50, 37 ms max under load): a SoftHSM2 login rewrites token.object,
+# and a kill in the middle of that write destroys the token. A run that the
+# deadline overtakes gets GRACE_MS more (the TIMEOUT line is written at once),
+# but never past the caller's own deadline less KILL_RESERVE_MS.
+readonly MIN_TOOL_MS=50 GRACE_MS=200 KILL_RESERVE_MS=50 POLL_US=20000
+readonly ENV_FILE_LIMIT=1048576 PIN_FILE_LIMIT=4096 STATE_FILE_LIMIT=256
 
 # attr|flag|variables|default: the same table as lap_pkcs11/options.py.
 readonly OPTION_TABLE=(
@@ -59,29 +74,94 @@ readonly SCRUBBED_ENV=(OPENSC_DEBUG PKCS11SPY PKCS11SPY_OUTPUT)
 readonly GATEWAY_MARKERS=(LAP_GATEWAY_SIGNING_CMD LAP_GATEWAY_KEYSET_JSON LAP_GATEWAY_KEYSET_FILE)
 readonly B64=ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/
 
-declare -A FLAG_ATTR=() FLAGS=() VAL=() SRC=() FILE_ENV=() EXIT_CODE=(
+declare -A FLAG_ATTR=() FLAGS=() VAL=() SRC=() FILE_ENV=() INFO=() EXIT_CODE=(
   [CONFIG_INVALID]=64 [INPUT_INVALID]=65 [MESSAGE_TOO_LARGE]=65 [TOOL_NOT_FOUND]=69
   [MODULE_LOAD_FAILED]=69 [TOKEN_NOT_FOUND]=69 [KEY_NOT_FOUND]=69 [MECHANISM_UNSUPPORTED]=69
   [PIN_MISSING]=77 [PIN_INCORRECT]=77 [PIN_LOCKED]=77 [TIMEOUT]=75 [KEY_MISMATCH]=70
   [SIGNING_FAILED]=70)
 START_US=${EPOCHREALTIME/./}
-DEADLINE_US=0
-BYTES=()
+DEADLINE_US=0 KILL_AT_US=0 CALLER_END_US=0
+LINE="" EXIT=0 TOOL_PID="" IN_STDIN="" MARKER="" STATUS=0 ERR_TEXT="" TEXT=""
+BYTES=() PARTS=()
 
-# fail NAME MESSAGE: the one stderr line and the error's exit code; stdout stays empty.
-fail() {
-  local text IFS=$' \t\n'
-  read -r -d '' -a text <<< "$2" || true
-  printf 'lap-pkcs11: %s: %s\n' "$1" "${text[*]}" >&2
-  exit "${EXIT_CODE[$1]}"
+# say NAME MESSAGE: the one stderr line (whitespace folded), written at most once.
+# A closed, full or broken stderr changes nothing else: no SIGPIPE, no bash message.
+# No read builtin here: a signal handler calls it, and a read nested in an
+# interrupted read -t would cancel that read's timeout.
+say() {
+  local text=${2//[$'\t\n\r\v\f']/ }
+  while [[ $text == *"  "* ]]; do text=${text//  / }; done
+  text=${text# }
+  trap '' PIPE
+  LINE=$1 EXIT=${EXIT_CODE[$1]}
+  printf 'lap-pkcs11: %s: %s\n' "$1" "${text% }" >&2 2>/dev/null || true
 }
 
-usage() { sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+# fail NAME MESSAGE: the line (unless one was written already) and its exit code.
+fail() {
+  [[ -n $LINE ]] || say "$@"
+  exit "$EXIT"
+}
+
+# SIGINT, SIGTERM and SIGHUP are the deadline arriving now: with pkcs11-tool
+# running, the line is written at once and the tool gets the same bounded grace
+# (run_tool kills its group then); otherwise we stop here.
+on_signal() {
+  [[ -n $LINE ]] || say SIGNING_FAILED "interrupted by SIG$1; nothing was signed"
+  if [[ -n $TOOL_PID ]]; then
+    local kill_at=$((${EPOCHREALTIME/./} + GRACE_MS * 1000))
+    ((CALLER_END_US == 0 || kill_at <= CALLER_END_US - KILL_RESERVE_MS * 1000)) \
+      || kill_at=$((CALLER_END_US - KILL_RESERVE_MS * 1000))
+    ((kill_at >= KILL_AT_US)) || KILL_AT_US=$kill_at
+    return 0
+  fi
+  exit "$EXIT"
+}
+
+# The stdin alarm (see read_message): SIGALRM at the deadline ends a read that
+# a trickling writer keeps waiting.
+on_alarm() {
+  [[ -z $IN_STDIN ]] || fail TIMEOUT "stdin did not end before the deadline; send the whole message and close stdin (or raise --timeout-ms)"
+}
+
+usage() {
+  trap '' PIPE
+  sed -n '/^# Usage:/,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" 2>/dev/null || true
+}
+
+# close_stray_fds: descriptors the caller left open (above 2) are closed, so
+# pkcs11-tool never sees them and our own descriptors stay small numbers; the
+# one bash reads this script from stays.
+close_stray_fds() {
+  local path fd
+  for path in /proc/self/fd/*; do
+    fd=${path##*/}
+    if ((fd > 2)) && [[ -L $path && ! $path -ef ${BASH_SOURCE[0]} ]]; then
+      exec {fd}>&-
+    fi
+  done
+}
+
+# Closed standard descriptors: stdin and stderr become /dev/null (nothing of
+# ours may land on them); a closed stdout is an error before anything is signed.
+check_stdio() {
+  [[ -L /proc/self/fd/0 ]] || exec 0</dev/null
+  [[ -L /proc/self/fd/2 ]] || exec 2>/dev/null
+  [[ -L /proc/self/fd/1 ]] && return 0
+  exec 1>/dev/null
+  STDOUT_CLOSED=1
+}
 
 trim() {  # trim VAR: strip surrounding whitespace in place
   local -n _value=$1
   _value=${_value#"${_value%%[![:space:]]*}"}
   _value=${_value%"${_value##*[![:space:]]}"}
+}
+
+trim_blank() {  # trim_blank VAR: strip surrounding spaces and TABs (the env-file grammar)
+  local -n _text=$1
+  _text=${_text#"${_text%%[![:blank:]]*}"}
+  _text=${_text%"${_text##*[![:blank:]]}"}
 }
 
 parse_args() {
@@ -116,6 +196,47 @@ parse_args() {
   done
 }
 
+# stat_into NAMES...: stat(2) (symlinks followed) of each name into INFO[name] as
+# "uid mode size type"; a name that cannot be stat'ed gets no entry. One process.
+stat_into() {
+  local record
+  INFO=()
+  while IFS= read -r -d '' record; do
+    INFO[${record#*$'\n'}]=${record%%$'\n'*}
+  done < <(exec stat -L --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" 2>/dev/null)
+}
+
+# open_named PATH WHAT LIMIT SECRET: open a file the operator named (env file,
+# PIN file) into REPLY. Never a FIFO or device: it is tested to be a regular file
+# before it is opened and again through the descriptor; the owner and mode are
+# checked by check_named on that descriptor.
+open_named() {
+  local path=$1 what=$2 fd
+  [[ -e $path ]] || fail CONFIG_INVALID "$what $path cannot be read (no such file); fix the path or its permissions"
+  [[ -f $path ]] || fail CONFIG_INVALID "$what $path is not a regular file; name a regular file"
+  { exec {fd}<"$path"; } 2>/dev/null \
+    || fail CONFIG_INVALID "$what $path cannot be read (permission denied); fix the path or its permissions"
+  [[ -f /dev/fd/$fd ]] || fail CONFIG_INVALID "$what $path is not a regular file; name a regular file"
+  REPLY=$fd
+}
+
+# check_named PATH WHAT LIMIT SECRET FIELDS: FIELDS ("uid mode size ...") of
+# the opened file: this user's or root's, writable by no one else (a SECRET one
+# also unreadable by others), at most LIMIT bytes.
+check_named() {
+  local path=$1 what=$2 limit=$3 secret=$4 uid mode size loose=8#022
+  read -r uid mode size _ <<< "$5"
+  [[ -n $size ]] || fail CONFIG_INVALID "$what $path cannot be read; fix the path or its permissions"
+  ((uid == EUID || uid == 0)) \
+    || fail CONFIG_INVALID "$what $path belongs to uid $uid, not to this user or root; chown it to the signer's user or root"
+  [[ -n $secret ]] && loose=8#027
+  if ((8#$mode & loose)); then
+    printf -v mode '%04o' $((8#$mode))
+    fail CONFIG_INVALID "$what $path has mode $mode; chmod go-w${secret:+,o-rwx} it"
+  fi
+  ((size <= limit)) || fail CONFIG_INVALID "$what $path is larger than $limit bytes; shorten it"
+}
+
 # quoted_value TEXT: parse a quoted dotenv value at the start of TEXT into REPLY.
 quoted_value() {
   local text=$1 quote=${1:0:1} out="" i=1 c next tail
@@ -123,7 +244,7 @@ quoted_value() {
     c=${text:i:1}
     if [[ $c == "$quote" ]]; then
       tail=${text:i+1}
-      trim tail
+      trim_blank tail
       [[ -z $tail || $tail == \#* ]] || { REPLY="unexpected text after the closing quote"; return 1; }
       [[ $quote == '"' && $out == *"\${"* ]] && { REPLY="\${...} expansion is not supported; write the value out"; return 1; }
       REPLY=$out
@@ -155,24 +276,46 @@ quoted_value() {
   return 1
 }
 
-# load_env_file PATH: the dotenv subset of lap_pkcs11/envfile.py, read as data.
+# load_env_file PATH: the one env-file grammar (lap_pkcs11/envfile.py reads the
+# same; tests/envfile_cases.json holds the cases), read as data. Lines end in LF
+# or CRLF; a line holding a byte that another reader could take for a line end
+# or drop (NUL, a control character other than TAB, DEL, U+0085, U+2028,
+# U+2029) is refused with its number, comments too. Blanks are space and TAB.
 load_env_file() {
-  local path=$1 line key rest number=0 value
-  [[ -f $path && -r $path ]] || fail CONFIG_INVALID \
-    "env file $path cannot be read; fix the path in --env-file or LAP_PKCS11_ENV_FILE"
-  while IFS= read -r line || [[ -n $line ]]; do
+  local path=$1 fd line key rest number=0 value nul_line=0 before="" ended total=0
+  open_named "$path" "env file"
+  fd=$REPLY
+  stat_into "/dev/fd/$fd"
+  check_named "$path" "env file" "$ENV_FILE_LIMIT" "" "${INFO[/dev/fd/$fd]-}"
+  # A NUL cannot live in a shell string: reading up to the first one finds its line.
+  if IFS= read -r -d '' before < "/dev/fd/$fd"; then
+    before=${before//[!$'\n']/}
+    nul_line=$((${#before} + 1))
+  fi
+  before=""
+  while :; do
+    line="" ended=1
+    IFS= read -r line || { [[ -n $line ]] || break; ended=""; }
     ((number += 1))
-    trim line
+    total=$((total + ${#line} + 1))
+    ((total <= ENV_FILE_LIMIT + 1)) \
+      || fail CONFIG_INVALID "env file $path is larger than $ENV_FILE_LIMIT bytes; shorten it"
+    [[ -n $ended && $line == *$'\r' ]] && line=${line%$'\r'}
+    if ((number == nul_line)) || [[ ${line//$'\t'/} == *[[:cntrl:]]* || $line == *$'\xc2\x85'* \
+        || $line == *$'\xe2\x80\xa8'* || $line == *$'\xe2\x80\xa9'* ]]; then
+      fail CONFIG_INVALID "env file $path: line $number: holds a NUL, a control character other than TAB, DEL, a lone CR or a Unicode line break; remove it"
+    fi
+    trim_blank line
     [[ -z $line || $line == \#* ]] && continue
     if [[ $line == "export "* || $line == "export"$'\t'* ]]; then
       line=${line:7}
-      trim line
+      trim_blank line
     fi
     [[ $line == *=* ]] || fail CONFIG_INVALID "env file $path: line $number is not KEY=VALUE"
     key=${line%%=*}
     rest=${line#*=}
-    trim key
-    trim rest
+    trim_blank key
+    trim_blank rest
     [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] \
       || fail CONFIG_INVALID "env file $path: line $number is not KEY=VALUE"
     if [[ $rest == [\'\"]* ]]; then
@@ -180,12 +323,15 @@ load_env_file() {
       value=$REPLY
     else
       if [[ $rest == \#* ]]; then value=""; else value=${rest%%[[:blank:]]#*}; fi
-      trim value
+      trim_blank value
       [[ $value == *"\${"* ]] && fail CONFIG_INVALID \
         "env file $path: line $number: \${...} expansion is not supported; write the value out"
     fi
     FILE_ENV[$key]=$value
-  done < "$path"
+  done < "/dev/fd/$fd"
+  ((nul_line == 0 || nul_line <= number)) || fail CONFIG_INVALID \
+    "env file $path: line $nul_line: holds a NUL, a control character other than TAB, DEL, a lone CR or a Unicode line break; remove it"
+  exec {fd}<&-
 }
 
 # describe ATTR FLAG: where an option's value came from, for error messages.
@@ -199,7 +345,6 @@ describe() {
 }
 
 bad() { describe "$1" "$2"; fail CONFIG_INVALID "$REPLY $3"; }
-
 # parse_value ATTR FLAG: validate and normalise VAL[ATTR] as options.py does.
 parse_value() {
   local attr=$1 flag=$2 v=${VAL[$1]} whole fraction
@@ -258,10 +403,11 @@ resolve() {
   local entry attr flag names default name found path
   if [[ -v FLAGS[env_file] ]]; then path=${FLAGS[env_file]}; SRC[env_file]=flag
   elif [[ -n ${LAP_PKCS11_ENV_FILE-} ]]; then path=$LAP_PKCS11_ENV_FILE; SRC[env_file]=env:LAP_PKCS11_ENV_FILE
-  elif [[ -f .env.pkcs11 ]]; then path=.env.pkcs11; SRC[env_file]=default
   else path=""; SRC[env_file]="unset"
   fi
-  [[ -n $path || ${SRC[env_file]} != unset ]] && load_env_file "$path"
+  # No implicit ./.env.pkcs11: the caller's working directory is no place for
+  # the signer's configuration, and a file there may be anyone's.
+  [[ ${SRC[env_file]} == unset ]] || load_env_file "$path"
   VAL[env_file]=$path
   for entry in "${OPTION_TABLE[@]}"; do
     attr=${entry%%|*} entry=${entry#*|}
@@ -318,44 +464,112 @@ set_deadline() {
     caller=$((VAL[caller_timeout_ms] - CALLER_MARGIN_MS))
     ((caller >= MIN_DEADLINE_MS)) || fail CONFIG_INVALID "SIGNER_TIMEOUT_SECONDS leaves less than $MIN_DEADLINE_MS ms after the $CALLER_MARGIN_MS ms start-up margin; give the gateway's signer a longer timeout"
     ((caller < deadline)) && deadline=$caller
+    CALLER_END_US=$((START_US + VAL[caller_timeout_ms] * 1000))
   fi
   DEADLINE_US=$((START_US + deadline * 1000))
+  KILL_AT_US=$((DEADLINE_US + GRACE_MS * 1000))
+  ((CALLER_END_US == 0 || KILL_AT_US <= CALLER_END_US - KILL_RESERVE_MS * 1000)) \
+    || KILL_AT_US=$((CALLER_END_US - KILL_RESERVE_MS * 1000))
 }
 
-# remaining: seconds left before the deadline, as S.mmmmmm, in REPLY; fails when none.
-remaining() {
-  local left=$((DEADLINE_US - ${EPOCHREALTIME/./}))
-  ((left > 0)) || return 1
-  printf -v REPLY '%d.%06d' $((left / 1000000)) $((left % 1000000))
-}
+# seconds MICROSECONDS: as S.mmmmmm in REPLY, for read -t, flock -w and sleep.
+seconds() { printf -v REPLY '%d.%06d' $(($1 / 1000000)) $(($1 % 1000000)); }
 
-# Anonymous files: bash writes a here-string at compatibility level 5.0 to a
-# temporary file that it unlinks at once and keeps open, so what they will hold
-# (message, signature) never has a name on disk. /dev/fd/N reopens them.
+# tool_time_left: whether pkcs11-tool may start: at least MIN_TOOL_MS left.
+tool_time_left() { ((DEADLINE_US - ${EPOCHREALTIME/./} >= MIN_TOOL_MS * 1000)); }
+
+# Anonymous scratch: a here-string of bash 5.1+ is a pipe (an older bash or a
+# compatibility level of 5.0 makes an unlinked file), so what they will hold
+# (message, signature, errors) never has a name on disk. /dev/fd/N reopens them
+# for writing; the newline a here-string holds is read off first. A file made
+# read-only by bash is made writable for its owner (bash 5.2 at level 5.0).
 open_scratch_files() {
-  local BASH_COMPAT=50 TMPDIR=${TMPDIR:-/tmp}
-  [[ -d /dev/shm && -w /dev/shm ]] && TMPDIR=/dev/shm
   exec {MSG_FD}<<< "" {SIG_FD}<<< "" {ERR_FD}<<< ""
+  if [[ -p /dev/fd/$MSG_FD && -p /dev/fd/$SIG_FD && -p /dev/fd/$ERR_FD ]]; then
+    read -r -u "$MSG_FD" _ && read -r -u "$SIG_FD" _ && read -r -u "$ERR_FD" _
+  elif [[ ! -w /dev/fd/$MSG_FD || ! -w /dev/fd/$SIG_FD || ! -w /dev/fd/$ERR_FD ]]; then
+    chmod u+w "/dev/fd/$MSG_FD" "/dev/fd/$SIG_FD" "/dev/fd/$ERR_FD"
+  fi
 }
 
 # stdin_error: a read that ended in an error (its message went to ERR_FD) is not EOF.
 stdin_error() {
   local message=""
-  IFS= read -r -N 1 message < "/dev/fd/$ERR_FD" || true
+  IFS= read -r -d '' -N 4096 message < "/dev/fd/$ERR_FD" || true
   [[ -z $message ]] || fail INPUT_INVALID "stdin cannot be read"
 }
 
-# The message on stdin, decoded into the scratch file MSG_FD.
+# The stdin alarm: a pipe's writer may trickle and never close, and bash's
+# read -t costs a select() per byte. So stdin is read without -t, and a helper
+# (dying with us) sends SIGALRM at the deadline; on_alarm turns it into TIMEOUT.
+start_stdin_alarm() {
+  local left=$((DEADLINE_US - ${EPOCHREALTIME/./}))
+  ((left > 0)) || fail TIMEOUT "the deadline passed before stdin was read; raise --timeout-ms"
+  IN_STDIN=1
+  [[ -f /dev/fd/0 ]] && return 0  # a regular file never keeps a read waiting
+  seconds "$left"
+  trap on_alarm ALRM
+  # shellcheck disable=SC2016 # sh expands them
+  setpriv --pdeathsig KILL -- sh -c 'setpriv --pdeathsig KILL -- sleep "$1" && kill -ALRM "$2"' \
+    sh "$REPLY" "$$" </dev/null >/dev/null 2>&1 &
+  ALARM=$!
+}
+
+stop_stdin_alarm() {
+  IN_STDIN=""
+  [[ -n ${ALARM-} ]] || return 0
+  kill "$ALARM" 2>/dev/null || true
+  trap : ALRM
+}
+
+# The message on stdin into the scratch pipe MSG_FD, under the deadline.
 read_message() {
-  if [[ ${VAL[input]} == raw ]]; then
-    head -c $((MAX_MESSAGE + 1)) > "/dev/fd/$MSG_FD" 2>/dev/null \
-      || fail INPUT_INVALID "stdin cannot be read"
-    local size
-    size=$(stat -L -c %s "/dev/fd/$MSG_FD")
-    ((size <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
-    ((size > 0)) || fail INPUT_INVALID "the message is empty; the gateway never signs an empty message"
+  start_stdin_alarm
+  if [[ ${VAL[input]} == raw ]]; then read_raw; else read_base64; fi
+  stop_stdin_alarm
+}
+
+# Raw bytes: read in pieces up to each NUL (a NUL cannot live in a shell
+# string); PARTS keeps them for write_message.
+read_raw() {
+  local chunk want total=0 rc
+  PARTS=("")
+  while ((total <= MAX_MESSAGE)); do
+    want=$((MAX_MESSAGE + 1 - total))
+    chunk="" rc=0
+    IFS= read -r -d '' -n "$want" chunk 2> "/dev/fd/$ERR_FD" || rc=$?
+    PARTS[-1]+=$chunk
+    total=$((total + ${#chunk}))
+    if ((rc != 0)); then
+      stdin_error
+      break
+    fi
+    if ((${#chunk} < want)); then
+      PARTS+=("")
+      total=$((total + 1))
+    fi
+  done
+  ((total <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
+  ((total > 0)) || fail INPUT_INVALID "the message is empty; the gateway never signs an empty message"
+  write_message
+}
+
+# write_message: the message into MSG_FD (again, for openssl, after pkcs11-tool read it).
+write_message() {
+  local i out
+  if [[ ${VAL[input]} == base64 ]]; then
+    base64 -d <<< "$TEXT" > "/dev/fd/$MSG_FD"
     return 0
   fi
+  exec {out}> "/dev/fd/$MSG_FD"
+  for ((i = 0; i < ${#PARTS[@]}; i++)); do
+    ((i == 0)) || printf '\0' >&"$out"
+    printf '%s' "${PARTS[i]}" >&"$out"
+  done
+  exec {out}>&-
+}
+
+read_base64() {
   # A NUL byte cannot live in a shell string: reading up to NUL shows where one was.
   local text="" chunk want nul="" total=0
   while ((total <= READ_LIMIT)); do
@@ -384,12 +598,14 @@ read_message() {
   [[ $text == *== ]] && size=$((size - 1))
   ((size > 0)) || fail INPUT_INVALID "the message is empty; the gateway never signs an empty message"
   ((size <= MAX_MESSAGE)) || fail MESSAGE_TOO_LARGE "the message is over $MAX_MESSAGE bytes; pkcs11-tool cannot sign longer EdDSA input"
+  TEXT=$text
   # Decoding runs beside the lock wait; main waits for it before signing.
   base64 -d <<< "$text" > "/dev/fd/$MSG_FD" &
   DECODER=$!
 }
 
 # The child environment: env file variables under the real environment, PIN set.
+# A PIN file is opened here and checked and read in inspect_files.
 prepare_environment() {
   local name
   for name in "${!FILE_ENV[@]}"; do
@@ -400,17 +616,23 @@ prepare_environment() {
   if [[ -v VAL[pin_file] ]]; then
     [[ ${SRC[pin_env]} == default ]] || fail CONFIG_INVALID "both --pin-file and --pin-env are set; keep only one"
     [[ -n ${!PIN_ENV-} ]] && fail CONFIG_INVALID "the PIN is given twice: in $PIN_ENV and in --pin-file; remove one"
-    local pin_file=${VAL[pin_file]} pin=""
-    [[ -f $pin_file && -r $pin_file ]] || fail CONFIG_INVALID "PIN file $pin_file cannot be read; fix --pin-file or its permissions"
-    IFS= read -r pin < "$pin_file" || true
-    pin=${pin%$'\r'}
-    [[ -n $pin ]] || fail PIN_MISSING "PIN file $pin_file is empty; write the user PIN in it"
-    export "$PIN_ENV=$pin"
+    open_named "${VAL[pin_file]}" "PIN file"
+    PIN_FD=$REPLY
     return 0
   fi
   [[ -v $PIN_ENV ]] || fail PIN_MISSING "no PIN: set $PIN_ENV or give --pin-file"
   [[ -n ${!PIN_ENV} ]] || fail PIN_MISSING "no PIN: $PIN_ENV is empty"
   export "${PIN_ENV?}"
+}
+
+read_pin_file() {
+  local pin_file=${VAL[pin_file]} pin=""
+  check_named "$pin_file" "PIN file" "$PIN_FILE_LIMIT" secret "${INFO[/dev/fd/$PIN_FD]-}"
+  IFS= read -r pin <&"$PIN_FD" || true
+  exec {PIN_FD}<&-
+  pin=${pin%$'\r'}
+  [[ -n $pin ]] || fail PIN_MISSING "PIN file $pin_file is empty; write the user PIN in it"
+  export "$PIN_ENV=$pin"
 }
 
 find_tool() {
@@ -426,72 +648,148 @@ find_tool() {
   fail TOOL_NOT_FOUND "$tool not found; install OpenSC (apt-get install opensc) or set --pkcs11-tool"
 }
 
-# The lock file name: "module\nSOFTHSM2_CONF" with every byte outside
-# [A-Za-z0-9._-] made "_", cut to 160 bytes; lap_pkcs11/signer.py builds the same.
-lock_name() {
-  local scope="${VAL[module]}"$'\n'"${SOFTHSM2_CONF-}"
-  scope=${scope//[^A-Za-z0-9._-]/_}
-  REPLY="lap-pkcs11-$EUID-${scope:0:160}.lock"
+# lock_dir: the private directory of the lock and PIN-guard files into DIR
+# (empty for --lock-dir none): --lock-dir itself, or lap-pkcs11-<euid> (made
+# 0700) in $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp. Checked in inspect_files.
+lock_dir() {
+  DIR=${VAL[lock_dir]-}
+  [[ $DIR == none ]] && DIR="" && return 0
+  if [[ -z $DIR ]]; then
+    DIR=${RUNTIME_DIRECTORY-}
+    DIR=${DIR%%:*}
+    [[ -n $DIR ]] || DIR=${XDG_RUNTIME_DIR:-/tmp}
+    DIR=${DIR%/}/lap-pkcs11-$EUID
+    if [[ ! -e $DIR && ! -L $DIR ]]; then
+      mkdir -m 700 -- "$DIR" 2>/dev/null || [[ -d $DIR ]] \
+        || fail CONFIG_INVALID "lock directory $DIR cannot be made; set --lock-dir to a directory only this user can write"
+    fi
+  elif [[ $DIR == ?*/ ]]; then
+    DIR=${DIR%/}
+  fi
+  if [[ -L $DIR || ! -d $DIR ]]; then
+    [[ -L $DIR ]] && REPLY="a symlink" || REPLY="not a directory"
+    [[ -e $DIR ]] || REPLY="missing"
+    fail CONFIG_INVALID "lock directory $DIR is $REPLY; set --lock-dir to a directory only this user can write, e.g. \$XDG_RUNTIME_DIR"
+  fi
 }
 
-# start_lock: open the lock file and start waiting for it in the background
-# (flock under setpriv, so it dies with us); main collects it with await_lock.
-start_lock() {
-  local dir=${VAL[lock_dir]-}
-  [[ $dir == none ]] && return 0
-  if [[ -z $dir ]]; then
-    dir=${RUNTIME_DIRECTORY-}
-    dir=${dir%%:*}
-    [[ -n $dir ]] || dir=${XDG_RUNTIME_DIR:-/tmp}
+# inspect_files: one stat for the PIN file, the module, the lock directory and
+# the lock files in it; then, in the order of lap_pkcs11/signer.py: the PIN
+# file, the module, the tool, the directory, the lock file.
+inspect_files() {
+  local module=${VAL[module]} names=() fields uid mode type conf lock
+  [[ -n ${PIN_FD-} ]] && names+=("/dev/fd/$PIN_FD")
+  lock_dir
+  conf=${SOFTHSM2_CONF-}
+  conf=${conf//[^A-Za-z0-9._-]/_}
+  conf=${conf:0:160}
+  [[ -n $DIR ]] && names+=("$module" "$DIR" "$DIR"/*-"$conf".lock)
+  ((${#names[@]} == 0)) || stat_into "${names[@]}"
+  [[ -n ${PIN_FD-} ]] && read_pin_file
+  [[ -f $module ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module does not exist; fix --module"
+  find_tool
+  [[ -n $DIR ]] || return 0
+  fields=${INFO[$module]-}
+  [[ -n $fields ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module cannot be read; fix --module"
+  read -r _ _ _ lock _ <<< "$fields"
+  lock=$DIR/$lock-$conf.lock
+  read -r uid mode _ _ type <<< "${INFO[$DIR]-}"
+  if [[ $type != directory ]] || ((uid != EUID || 8#$mode & 8#022)); then
+    printf -v mode '%04o' $((8#${mode:-0}))
+    fail CONFIG_INVALID "lock directory $DIR is not private (owner uid ${uid:-?}, mode $mode); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
   fi
-  lock_name
-  local path=$dir/$REPLY
-  [[ -L $path ]] && fail CONFIG_INVALID "lock file $path is a symlink; set --lock-dir to a private directory"
-  { exec {LOCK_FD}<>"$path"; } 2>/dev/null \
-    || fail CONFIG_INVALID "lock file $path cannot be opened; set --lock-dir to a private directory"
-  [[ -O $path ]] || fail CONFIG_INVALID "lock file $path belongs to another user; set --lock-dir to a private directory"
-  MARKER=${path%.lock}.pin-rejected
-  SECRET_FILE=$dir/lap-pkcs11-$EUID.secret
-  remaining || fail TIMEOUT "the deadline passed before the token could be locked; raise --timeout-ms"
-  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" &
+  [[ -L $lock ]] && fail CONFIG_INVALID "lock file $lock is a symlink; remove it (only the signer's user may create files in its lock directory)"
+  [[ -n ${INFO[$lock]-} ]] && check_state "$lock" "${INFO[$lock]}"
+  { exec {LOCK_FD}<>"$lock"; } 2>/dev/null \
+    || fail CONFIG_INVALID "lock file $lock cannot be opened; set --lock-dir to a private directory"
+  [[ -f /dev/fd/$LOCK_FD && -O /dev/fd/$LOCK_FD ]] \
+    || fail CONFIG_INVALID "lock file $lock is not this user's regular file; remove it (only the signer's user may create files in its lock directory)"
+  MARKER=${lock%.lock}.pin-rejected
+  SECRET_FILE=$DIR/secret
+}
+
+# check_state PATH FIELDS [LIMIT]: a file in the private directory must be this
+# user's regular file that no one else may read or write (and at most LIMIT bytes).
+check_state() {
+  local uid mode size type problem=""
+  read -r uid mode size _ type <<< "$2"
+  if [[ $type != "regular file" && $type != "regular empty file" ]]; then problem="is not a regular file (${type:-unknown})"
+  elif ((uid != EUID)); then problem="belongs to uid $uid"
+  elif ((8#$mode & 8#077)); then printf -v mode '%04o' $((8#$mode)); problem="has mode $mode"
+  elif [[ -n ${3-} ]] && ((size > $3)); then problem="is larger than $3 bytes"
+  fi
+  [[ -z $problem ]] || fail CONFIG_INVALID "signer state file $1 $problem; remove it (only the signer's user may create files in its lock directory)"
+}
+
+# check_state_files PATHS...: check_state for those that exist (lstat: a symlink is refused).
+check_state_files() {
+  local path record found=()
+  declare -A stated=()
+  for path in "$@"; do [[ -e $path || -L $path ]] && found+=("$path"); done
+  ((${#found[@]})) || return 0
+  while IFS= read -r -d '' record; do
+    stated[${record#*$'\n'}]=${record%%$'\n'*}
+  done < <(exec stat --printf '%u %a %s %d-%i %F\n%n\0' -- "${found[@]}" 2>/dev/null)
+  for path in "${found[@]}"; do check_state "$path" "${stated[$path]-}" "$STATE_FILE_LIMIT"; done
+}
+
+# start_lock: wait for the lock in the background (flock under setpriv, so it
+# dies with us) until MIN_TOOL_MS before the deadline; await_lock collects it.
+start_lock() {
+  [[ -v LOCK_FD ]] || return 0
+  local left=$((DEADLINE_US - ${EPOCHREALTIME/./} - MIN_TOOL_MS * 1000))
+  ((left > 0)) || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms to lock the token and run pkcs11-tool, so it was not started; raise --timeout-ms"
+  seconds "$left"
+  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" 2>/dev/null &
   LOCKER=$!
 }
 
-# The PIN guard (as lap_pkcs11/signer.py's PinGuard): a PIN the token rejected
-# is remembered as sha256(host secret, newline, PIN) beside the lock file and
-# never tried again, so a wrong PIN cannot lock a real token.
+await_lock() {
+  [[ -n ${LOCKER-} ]] || return 0
+  wait "$LOCKER" || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
+}
+
+# The PIN guard (as lap_pkcs11/signer.py's): a PIN the token rejected is
+# remembered as sha256(secret, newline, PIN) in the private directory and never
+# tried again, so a wrong PIN cannot lock a real token. Checked, recorded and
+# cleared only while the lock is held: of many concurrent callers with one
+# rejected PIN, one login reaches the token.
 pin_fingerprint() {
-  local secret="" line
-  if [[ ! -L $SECRET_FILE ]]; then IFS= read -r secret 2>/dev/null < "$SECRET_FILE" || true; fi
-  if [[ -z $secret && $1 == create && ! -L $SECRET_FILE ]]; then
-    secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
-    { set -C; printf '%s\n' "$secret" > "$SECRET_FILE"; } 2>/dev/null \
-      || IFS= read -r secret 2>/dev/null < "$SECRET_FILE" || true
+  local secret=""
+  if [[ -e $SECRET_FILE || -L $SECRET_FILE ]]; then
+    check_state_files "$SECRET_FILE"
+    IFS= read -r secret < "$SECRET_FILE" || true
+  elif [[ $1 == create ]]; then
+    printf -v secret '%08x' "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM"
+    { set -C; printf '%s\n' "$secret" > "$SECRET_FILE"; } 2>/dev/null || secret=""
     set +C
+    [[ -n $secret ]] || { check_state_files "$SECRET_FILE"; IFS= read -r secret < "$SECRET_FILE" || true; }
   fi
   [[ -n $secret ]] || return 1
   read -r REPLY _ < <(printf '%s\n%s' "$secret" "${!PIN_ENV}" | sha256sum)
 }
 
 check_pin_guard() {
-  [[ -n ${MARKER-} && -e $MARKER && ! -L $MARKER ]] || return 0
+  [[ -n $MARKER ]] && [[ -e $MARKER || -L $MARKER ]] || return 0
   local seen=""
-  IFS= read -r seen 2>/dev/null < "$MARKER" || true
+  check_state_files "$MARKER"
+  IFS= read -r seen < "$MARKER" || true
   if pin_fingerprint check && [[ -n $seen && $seen == "$REPLY" ]]; then
     fail PIN_INCORRECT "the token rejected this PIN before and it is not tried again, so the token cannot lock; fix the PIN (if the token's PIN was changed to it, remove $MARKER)"
   fi
 }
 
 remember_rejected_pin() {
-  [[ -n ${MARKER-} && ! -L $MARKER ]] || return 0
+  [[ -n $MARKER ]] || return 0
+  check_state_files "$MARKER"
   if pin_fingerprint create; then
     printf '%s\n' "$REPLY" 2>/dev/null > "$MARKER" || true
   fi
 }
 
-await_lock() {
-  [[ -n ${LOCKER-} ]] || return 0
-  wait "$LOCKER" || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
+forget_rejected_pin() {
+  [[ -n $MARKER ]] && [[ -e $MARKER || -L $MARKER ]] || return 0
+  rm -f -- "$MARKER"
 }
 
 selector_args() {
@@ -502,50 +800,102 @@ selector_args() {
   fi
 }
 
-# run_tool OUT ARGS...: pkcs11-tool in its own session, dying with us, against
-# the deadline; its stderr goes to ERR_FD and its stdout to /dev/fd/OUT, or, when
-# OUT is "base64", through base64 (which runs while the tool does) into SIG_FD.
-# Sets STATUS.
+# run_tool OUT ARGS...: pkcs11-tool, never started with less than MIN_TOOL_MS
+# left, as setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 pkcs11-tool:
+# coreutils timeout (duration 0: never times out) leads a session and process
+# group of its own and, when we die (the parent-death signal), TERMs the whole
+# group and KILLs it a second later, a module's helper processes included.
+# OUT "base64": the tool's stdout goes through base64 (running while the tool
+# does) into SIG_FD, its stderr into the watch pipe we read here. Otherwise (a
+# listing) its stdout is the watch pipe and becomes a here-string at SIG_FD.
+# When the deadline passes, the TIMEOUT line is written at once and the tool
+# gets until KILL_AT_US to finish (a login half-written would destroy a
+# SoftHSM2 token), then its group is killed. Sets STATUS and ERR_TEXT.
 run_tool() {
-  local out=$1 pid watch encoder="" rc
+  local out=$1 encoder="" watch line rc now next text="" listing="" gone=""
   shift
+  tool_time_left || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms for pkcs11-tool, so it was not started; raise --timeout-ms"
   if [[ $out == base64 ]]; then
-    exec {out}> >(exec base64 -w0 > "/dev/fd/$SIG_FD")
+    exec {out}> >([[ -v LOCK_FD ]] && exec {LOCK_FD}>&-; exec base64 -w0 > "/dev/fd/$SIG_FD")
     encoder=$!
+    exec {watch}< <(
+      [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2>&1 >&"$out"
+    )
+    TOOL_PID=$!
+    exec {out}>&-
   else
-    exec {out}> "/dev/fd/$out"
+    listing=1
+    exec {watch}< <(
+      [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
+    )
+    TOOL_PID=$!
   fi
-  # The process substitution becomes pkcs11-tool (exec, no fork): setpriv arms
-  # the parent-death signal, setsid gives it a session of its own (no terminal,
-  # its own process group), and its copy of the pipe (fd 9) closes when it exits.
-  exec {watch}< <(
-    [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-    exec setpriv --pdeathsig KILL -- setsid -- "$TOOL" "$@" \
-      9>&1 </dev/null >&"$out" 2>"/dev/fd/$ERR_FD"
-  )
-  pid=$!
-  exec {out}>&-
-  while remaining; do
-    rc=0
-    IFS= read -r -t "$REPLY" -u "$watch" _ || rc=$?
-    ((rc == 0)) && continue
-    if ((rc == 1)); then  # end of file: pkcs11-tool has exited
-      STATUS=0
-      { wait "$pid"; } 2>/dev/null || STATUS=$?
-      exec {watch}<&-
-      [[ -z $encoder ]] || wait "$encoder"
-      return 0
+  while :; do
+    now=${EPOCHREALTIME/./}
+    if [[ -z $LINE ]] && ((now >= DEADLINE_US)); then
+      say TIMEOUT "pkcs11-tool did not finish before the deadline; check the token, pcscd and --timeout-ms"
     fi
-    break
+    if [[ -n $LINE ]] && ((now >= KILL_AT_US)); then
+      kill -KILL -- "-$TOOL_PID" 2>/dev/null || true
+      { wait "$TOOL_PID"; } 2>/dev/null || true
+      exit "$EXIT"
+    fi
+    if [[ -n $LINE ]]; then next=$KILL_AT_US; else next=$DEADLINE_US; fi
+    next=$((next - now))
+    ((next <= POLL_US)) || next=$POLL_US
+    seconds "$next"
+    rc=0 line=""
+    IFS= read -r -t "$REPLY" -u "$watch" line || rc=$?
+    if ((rc == 0)); then text+=$line$'\n'; continue; fi
+    text+=$line
+    ((rc == 1)) && break
+    # timeout has exited, a helper of the tool holds the pipe: kill it, read on.
+    if [[ -z $gone ]] && tool_exited; then
+      gone=1
+      kill -KILL -- "-$TOOL_PID" 2>/dev/null || true
+    fi
   done
-  kill -KILL -- "-$pid" "$pid" 2>/dev/null || true
-  { wait "$pid"; } 2>/dev/null || true
-  fail TIMEOUT "pkcs11-tool did not finish before the deadline; check the token, pcscd and --timeout-ms"
+  # Reaped first: timeout closes its stderr (our pipe) just before it exits.
+  STATUS=0
+  { wait "$TOOL_PID"; } 2>/dev/null || STATUS=$?
+  # Whatever the tool left in its group goes too.
+  kill -KILL -- "-$TOOL_PID" 2>/dev/null || true
+  TOOL_PID=""
+  exec {watch}<&-
+  [[ -z $encoder ]] || wait "$encoder" || true
+  if [[ -n $listing ]]; then
+    ERR_TEXT=""
+    IFS= read -r -d '' -N 65536 ERR_TEXT < "/dev/fd/$ERR_FD" || true
+    exec {SIG_FD}<<< "$text"
+  else
+    ERR_TEXT=$text
+  fi
+  [[ -z $LINE ]] || late_tool
+}
+
+# tool_exited: the leader (timeout) has exited though a helper of the tool may
+# still hold the watch pipe open.
+tool_exited() {
+  local state=""
+  [[ -e /proc/$TOOL_PID ]] || return 0
+  { IFS=' ' read -r _ _ state _ < "/proc/$TOOL_PID/stat"; } 2>/dev/null || return 0
+  [[ $state == Z ]]
+}
+
+# late_tool: the deadline (or a signal) came while pkcs11-tool ran and it
+# finished within the grace: its line is written; the PIN guard still learns
+# what the token said, then we exit with that line's code.
+late_tool() {
+  if ((STATUS == 0)); then forget_rejected_pin
+  elif [[ $ERR_TEXT == *CKR_PIN_INCORRECT* ]]; then remember_rejected_pin
+  fi
+  exit "$EXIT"
 }
 
 classify() {
-  local err=""
-  IFS= read -r -d '' -N 65536 err < "/dev/fd/$ERR_FD" || true
+  local err=$ERR_TEXT
   case $err in
     *"Failed to load pkcs11 module"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module and the module's own configuration" ;;
     *"sc_dlopen failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module" ;;
@@ -567,7 +917,8 @@ classify() {
     *"Unknown PKCS11 mechanism"*) fail MECHANISM_UNSUPPORTED "pkcs11-tool does not know this mechanism; use EDDSA" ;;
     *"mechanism not supported"*) fail MECHANISM_UNSUPPORTED "the token does not support this mechanism" ;;
   esac
-  ((STATUS == 127)) && fail TOOL_NOT_FOUND "pkcs11-tool could not be started; check --pkcs11-tool"
+  # timeout (coreutils) exits 126 or 127 when it cannot run the tool.
+  ((STATUS == 126 || STATUS == 127)) && fail TOOL_NOT_FOUND "pkcs11-tool could not be started; check --pkcs11-tool"
   ((STATUS > 128)) && fail SIGNING_FAILED "pkcs11-tool died of signal $((STATUS - 128))"
   local line last=""
   while IFS= read -r line; do
@@ -660,6 +1011,19 @@ check_signature() {
   fail SIGNING_FAILED "pkcs11-tool printed $size bytes, not a 64-byte Ed25519 signature; check --mechanism and the key"
 }
 
+# message_file: openssl -rawin needs the message in a file of known size, and
+# pkcs11-tool has read the scratch pipe empty: the message again, into an
+# unlinked file (a here-string at bash's compatibility level 5.0, read-only
+# until chmod makes it writable for us) at MSG_FD.
+message_file() {
+  local BASH_COMPAT=50 TMPDIR=${TMPDIR:-/tmp} file
+  [[ -d /dev/shm && -w /dev/shm ]] && TMPDIR=/dev/shm
+  exec {file}<<< ""
+  [[ -w /dev/fd/$file ]] || chmod u+w "/dev/fd/$file"
+  MSG_FD=$file
+  write_message
+}
+
 # check_pinned_key B64: openssl verifies the signature with the pinned key.
 check_pinned_key() {
   [[ -v VAL[expect_public_key] ]] || return 0
@@ -670,54 +1034,74 @@ check_pinned_key() {
   for ((i = 0; i < 64; i += 2)); do BYTES+=($((16#${key:i:2}))); done
   bytes_base64 44
   pem=$'-----BEGIN PUBLIC KEY-----\n'$REPLY$'\n-----END PUBLIC KEY-----'
+  message_file
   if ! openssl pkeyutl -verify -pubin -inkey /dev/stdin -rawin -in "/dev/fd/$MSG_FD" \
       -sigfile <(base64 -d <<< "$1") <<< "$pem" >/dev/null 2>&1; then
     fail KEY_MISMATCH "the signature does not verify under the pinned public key ${key:0:16}...; the token key is not the one the gateway trusts (check slot, token and key id, or the pinned key)"
   fi
 }
 
-# write_signature B64: the signature in the configured encoding on stdout.
+# write_signature B64: the signature in the configured encoding on stdout. A
+# full or broken stdout is SIGNING_FAILED (no SIGPIPE death, no bash message).
 write_signature() {
-  local i out=""
+  local i out="" err="" line
+  trap '' PIPE
   case ${VAL[output]} in
-    base64) printf '%s\n' "$1" ;;
+    base64) out=$1$'\n' ;;
     hex) decode_signature "$1"
          for ((i = 0; i < 64; i++)); do printf -v out '%s%02x' "$out" "${BYTES[i]}"; done
-         printf '%s\n' "$out" ;;
+         out+=$'\n' ;;
     raw) decode_signature "$1"
-         for ((i = 0; i < 64; i++)); do printf -v out '%s\\x%02x' "$out" "${BYTES[i]}"; done
-         # shellcheck disable=SC2059 # the format is our own \xHH escapes
-         printf "$out" ;;
+         for ((i = 0; i < 64; i++)); do printf -v out '%s\\x%02x' "$out" "${BYTES[i]}"; done ;;
   esac
+  if [[ ${VAL[output]} == raw ]]; then
+    # shellcheck disable=SC2059 # the format is our own \xHH escapes
+    printf "$out" 2> "/dev/fd/$ERR_FD" && return 0
+  else
+    printf '%s' "$out" 2> "/dev/fd/$ERR_FD" && return 0
+  fi
+  IFS= read -r -d '' -N 4096 err < "/dev/fd/$ERR_FD" || true
+  while IFS= read -r line; do
+    [[ $line == *"write error: "* ]] && err=${line##*write error: }
+  done <<< "$err"
+  fail SIGNING_FAILED "stdout cannot be written (${err:-write error}); nothing was signed for the caller"
 }
 
 main() {
+  trap 'on_signal INT' INT
+  trap 'on_signal TERM' TERM
+  trap 'on_signal HUP' HUP
+  close_stray_fds
+  check_stdio
   umask 077
   parse_args "$@"
   resolve
   check_gateway_input
   set_deadline
+  [[ -z ${STDOUT_CLOSED-} ]] || fail SIGNING_FAILED "stdout is closed; the signature would have nowhere to go, so nothing was signed"
   if [[ -v VAL[expect_public_key] ]] && ! type -P openssl >/dev/null; then
     fail CONFIG_INVALID "a public key is pinned but openssl is not installed; apt-get install openssl"
   fi
   if ! type -P setpriv setsid flock >/dev/null; then
     fail TOOL_NOT_FOUND "setpriv, setsid or flock (util-linux) is missing; install util-linux"
   fi
+  type -P timeout stat >/dev/null || fail TOOL_NOT_FOUND "timeout or stat (coreutils) is missing; install coreutils"
   open_scratch_files
+  SIG_SCRATCH=$SIG_FD
   read_message
   prepare_environment
-  [[ -f ${VAL[module]} ]] || fail MODULE_LOAD_FAILED "PKCS#11 module ${VAL[module]} does not exist; fix --module"
-  find_tool
+  inspect_files
   start_lock
-  check_pin_guard
   [[ -z ${DECODER-} ]] || wait "$DECODER" || fail INPUT_INVALID "stdin could not be decoded as base64"
   await_lock
+  check_pin_guard
   selector_args
   resolve_key_id
+  SIG_FD=$SIG_SCRATCH
   run_tool base64 "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --sign \
     --mechanism "${VAL[mechanism]}" --id "$KEY_ID" --input-file "/dev/fd/$MSG_FD"
   ((STATUS == 0)) || classify
-  if [[ -n ${MARKER-} && -e $MARKER ]]; then rm -f -- "$MARKER"; fi
+  forget_rejected_pin
   local signature=""
   IFS= read -r -N 65536 signature < "/dev/fd/$SIG_FD" || true
   check_signature "$signature"
