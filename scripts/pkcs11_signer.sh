@@ -84,17 +84,19 @@ DEADLINE_US=0 KILL_AT_US=0 CALLER_END_US=0
 LINE="" EXIT=0 TOOL_PID="" IN_STDIN="" MARKER="" STATUS=0 ERR_TEXT="" TEXT=""
 BYTES=() PARTS=()
 
-# say NAME MESSAGE: the one stderr line (whitespace folded), written at most once.
+# say NAME MESSAGE: the one stderr line (whitespace folded), written at most once,
+# to STDERR: our stderr as we got it, even from a trap while a command of ours has
+# its stderr redirected.
 # A closed, full or broken stderr changes nothing else: no SIGPIPE, no bash message.
 # No read builtin here: a signal handler calls it, and a read nested in an
 # interrupted read -t would cancel that read's timeout.
 say() {
-  local text=${2//[$'\t\n\r\v\f']/ }
+  local text=${2//[$'\t\n\r\v\f']/ } out=${STDERR:-2}
   while [[ $text == *"  "* ]]; do text=${text//  / }; done
   text=${text# }
   trap '' PIPE
   LINE=$1 EXIT=${EXIT_CODE[$1]}
-  printf 'lap-pkcs11: %s: %s\n' "$1" "${text% }" >&2 2>/dev/null || true
+  printf 'lap-pkcs11: %s: %s\n' "$1" "${text% }" 1>&"$out" 2>/dev/null || true
 }
 
 # fail NAME MESSAGE: the line (unless one was written already) and its exit code.
@@ -147,6 +149,7 @@ close_stray_fds() {
 check_stdio() {
   [[ -L /proc/self/fd/0 ]] || exec 0</dev/null
   [[ -L /proc/self/fd/2 ]] || exec 2>/dev/null
+  exec {STDERR}>&2
   [[ -L /proc/self/fd/1 ]] && return 0
   exec 1>/dev/null
   STDOUT_CLOSED=1
@@ -511,7 +514,7 @@ start_stdin_alarm() {
   trap on_alarm ALRM
   # shellcheck disable=SC2016 # sh expands them
   setpriv --pdeathsig KILL -- sh -c 'setpriv --pdeathsig KILL -- sleep "$1" && kill -ALRM "$2"' \
-    sh "$REPLY" "$$" </dev/null >/dev/null 2>&1 &
+    sh "$REPLY" "$$" </dev/null >/dev/null 2>&1 {STDERR}>&- &
   ALARM=$!
 }
 
@@ -740,7 +743,7 @@ start_lock() {
   local left=$((DEADLINE_US - ${EPOCHREALTIME/./} - MIN_TOOL_MS * 1000))
   ((left > 0)) || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms to lock the token and run pkcs11-tool, so it was not started; raise --timeout-ms"
   seconds "$left"
-  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" 2>/dev/null &
+  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" 2>/dev/null {STDERR}>&- &
   LOCKER=$!
 }
 
@@ -816,10 +819,10 @@ run_tool() {
   shift
   tool_time_left || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms for pkcs11-tool, so it was not started; raise --timeout-ms"
   if [[ $out == base64 ]]; then
-    exec {out}> >([[ -v LOCK_FD ]] && exec {LOCK_FD}>&-; exec base64 -w0 > "/dev/fd/$SIG_FD")
+    exec {out}> >(exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-; exec base64 -w0 > "/dev/fd/$SIG_FD")
     encoder=$!
     exec {watch}< <(
-      [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
       exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2>&1 >&"$out"
     )
     TOOL_PID=$!
@@ -827,7 +830,7 @@ run_tool() {
   else
     listing=1
     exec {watch}< <(
-      [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
       exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
     )
     TOOL_PID=$!

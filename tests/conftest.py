@@ -184,3 +184,68 @@ def assert_failure(result, name, code, pin=USER_PIN):
     assert len(lines) == 1, f"expected one stderr line, got: {stderr!r}"
     assert lines[0].startswith(f"lap-pkcs11: {name}: "), lines[0]
     assert pin not in stderr
+
+
+# Another user, for files and runs that are not ours: nobody.
+OTHER_UID = 65534
+
+
+def ordinary_user(tree):
+    """An argv prefix that runs a command as an ordinary user, and the user's uid.
+
+    As root: nobody, through setpriv, with ``tree`` (a directory the command works in)
+    given to nobody. As an ordinary user already: no prefix, our own uid.
+    """
+    if os.geteuid() != 0:
+        return [], os.geteuid()
+    for folder, dirs, names in os.walk(tree):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + names)]:
+            os.lchown(name, OTHER_UID, OTHER_UID)
+    return ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+            "--"], OTHER_UID
+
+
+class Foreign:
+    """Files and directories of another user, in places only we can write to.
+
+    As root, ``plant`` writes the file (``plant_dir`` makes the directory) and gives it to
+    nobody. An ordinary user cannot give a file away: ``plant`` then leaves our own empty
+    file (or directory) there, and ``wrap`` runs the signer in a user and mount namespace in
+    which a root-owned file (directory), which shows there as nobody's, is bind-mounted
+    over it. Either way the signer sees uid 65534 there, and runs with euid ``EUID``.
+    """
+
+    ROOT_OWNED = "/etc/os-release"  # valid KEY=VALUE lines: only the owner is wrong
+    ROOT_OWNED_DIR = "/usr"
+    EUID = 0  # root, or root in the namespace
+
+    def __init__(self):
+        self.mounts = []
+
+    def plant(self, path, content=b""):
+        path = Path(path)
+        if os.geteuid() == 0:
+            path.write_bytes(content or Path(self.ROOT_OWNED).read_bytes())
+            os.chown(path, OTHER_UID, OTHER_UID)
+        else:
+            path.write_bytes(b"")
+            self.mounts += [self.ROOT_OWNED, str(path)]
+        return path
+
+    def plant_dir(self, path):
+        path = Path(path)
+        path.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            os.chown(path, OTHER_UID, OTHER_UID)
+        else:
+            self.mounts += [self.ROOT_OWNED_DIR, str(path)]
+        return path
+
+    def wrap(self, signer):
+        if not self.mounts:
+            return signer
+        script = " && ".join(f'mount --bind "${i + 1}" "${i + 2}"'
+                             for i in range(0, len(self.mounts), 2))
+        prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                  f'{script} && shift {len(self.mounts)} && exec "$@"', "sh", *self.mounts]
+        return Signer(signer.name, [*prefix, *signer.argv])
