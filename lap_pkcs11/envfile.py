@@ -60,7 +60,9 @@ def _quoted(rest, quote):
     raise ValueError("the quoted value does not end on this line")
 
 
-def _value(rest):
+def _value(raw):
+    """The value after ``KEY=``: quoted, or unquoted up to a comment."""
+    rest = raw.lstrip(_BLANKS)
     if rest[:1] in ("'", '"'):
         quote = rest[0]
         value, tail = _quoted(rest, quote)
@@ -70,12 +72,13 @@ def _value(rest):
         if quote == '"' and "${" in value:
             raise ValueError("${...} expansion is not supported; write the value out")
         return value
-    cut = len(rest)
-    for i, c in enumerate(rest):
-        if c == "#" and (i == 0 or rest[i - 1] in " \t"):
+    # A comment starts at a "#" after a space or TAB; "A=#a" is the value "#a".
+    cut = len(raw)
+    for i, c in enumerate(raw):
+        if c == "#" and i > 0 and raw[i - 1] in _BLANKS:
             cut = i
             break
-    value = rest[:cut].strip(_BLANKS)
+    value = raw[:cut].strip(_BLANKS)
     if "${" in value:
         raise ValueError("${...} expansion is not supported; write the value out")
     return value
@@ -111,7 +114,7 @@ def parse(text):
         if not sep or not _is_key(key):
             raise ValueError(f"line {number} is not KEY=VALUE")
         try:
-            values[key] = _value(rest.lstrip(_BLANKS))
+            values[key] = _value(rest)
         except ValueError as err:
             raise ValueError(f"line {number}: {err}") from None
     return values

@@ -22,8 +22,14 @@ class SignerError(Exception):
         self.message = message
 
     def line(self):
-        """The single stderr line for this error, without its newline."""
+        """The single stderr line for this error, without its newline.
+
+        Whatever it quotes (pkcs11-tool's stderr, a path) cannot put a control
+        character or an escape sequence into the gateway's log: each is a "?".
+        """
         text = " ".join(self.message.split())
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else "?" for c in text)
         return f"{PROGRAM}: {self.name}: {text}"
 
 

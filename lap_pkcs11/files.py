@@ -64,6 +64,9 @@ def private_dir(base, explicit):
     """The private directory of lock and guard files: ``base`` itself when the operator
     named it (``explicit``), else ``base/lap-pkcs11-<euid>``, made 0700 when missing."""
     uid = os.geteuid()
+    # "dir/" would follow a symlink named dir; the check is of the name itself.
+    base = base.rstrip("/") or "/"
+    _check_ancestors(base if explicit else os.path.join(base, "x"), uid)
     folder = base if explicit else os.path.join(base, f"lap-pkcs11-{uid}")
     if not explicit:
         try:
@@ -85,6 +88,28 @@ def private_dir(base, explicit):
                 f"{stat.S_IMODE(info.st_mode):04o})",
                 "set --lock-dir to a directory only this user can write")
     return folder
+
+
+def _check_ancestors(path, uid):
+    """Every directory above ``path`` must be root's or ours, and nobody else may
+    rename entries in it (not writable by others, or sticky like /tmp): else the
+    private directory could be swapped for another one between check and use."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            info = os.lstat(folder)
+        except OSError as err:
+            _refuse(folder, "lock directory", f"cannot be used ({err.strerror})",
+                    "set --lock-dir to a directory only this user can write")
+        loose = not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o022 and not info.st_mode & 0o1000
+        if info.st_uid not in (0, uid) or loose:
+            _refuse(folder, "lock directory's parent",
+                    f"is not safe (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})",
+                    "set --lock-dir to a directory whose parents only root or this user can "
+                    "change")
+        if folder == "/":
+            return
+        folder = os.path.dirname(folder)
 
 
 def check_private(fd, path, limit=None):

@@ -11,6 +11,9 @@ This module is on the per-signature path: it imports nothing.
 """
 
 _HEX = frozenset("0123456789abcdef")
+# The only whitespace trimmed around a value, in every reader (str.strip() would
+# also take NBSP and other Unicode spaces, which the shell mirror does not).
+_BLANKS = " \t"
 
 
 def _text(value):
@@ -27,7 +30,7 @@ def _hex_bytes(value):
 
 
 def _public_key_hex(value):
-    text = value.strip().lower()
+    text = value.strip(_BLANKS).lower()
     if len(text) != 64 or not _HEX.issuperset(text):
         raise ValueError("must be 64 hex characters (a 32-byte Ed25519 public key)")
     return text
@@ -38,7 +41,7 @@ def _digits(text):
 
 
 def _unsigned(value):
-    text = value.strip()
+    text = value.strip(_BLANKS)
     if text[:2].lower() == "0x" and text[2:] and _HEX.issuperset(text[2:].lower()):
         return int(text[2:], 16)
     if not _digits(text):
@@ -47,7 +50,7 @@ def _unsigned(value):
 
 
 def _timeout_ms(value):
-    text = value.strip()
+    text = value.strip(_BLANKS)
     if not _digits(text) or not 1 <= int(text) <= 600000:
         raise ValueError("must be a whole number of milliseconds from 1 to 600000")
     return int(text)
@@ -55,7 +58,7 @@ def _timeout_ms(value):
 
 def _seconds_as_ms(value):
     """Seconds as written (e.g. 2 or 1.5) to whole milliseconds, without float rounding."""
-    whole, dot, fraction = value.strip().partition(".")
+    whole, dot, fraction = value.strip(_BLANKS).partition(".")
     if not (whole or fraction) or (whole and not _digits(whole)) or (
             fraction and not _digits(fraction)) or (dot and not fraction and not whole):
         raise ValueError("must be a number of seconds such as 2 or 1.5")
@@ -74,7 +77,7 @@ def _env_name(value):
 
 
 def _mechanism(value):
-    text = value.strip().upper()
+    text = value.strip(_BLANKS).upper()
     if not text or not all(c.isalnum() or c in "_-" for c in text) or not text.isascii():
         raise ValueError("must be a pkcs11-tool mechanism name such as EDDSA")
     return text
@@ -82,7 +85,7 @@ def _mechanism(value):
 
 def _choice(*choices):
     def parse(value):
-        text = value.strip().lower()
+        text = value.strip(_BLANKS).lower()
         if text not in choices:
             raise ValueError("must be one of " + ", ".join(choices))
         return text

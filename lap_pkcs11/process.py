@@ -2,23 +2,33 @@
 
 The gateway, or whoever runs us, may hand us closed or broken standard streams,
 hundreds of stray descriptors, a core-dump limit that would write the PIN to a
-disk, and signals at any moment. ``harden`` makes the process safe to work in;
-``install_signal_handlers`` turns SIGINT, SIGTERM and SIGHUP into an ordinary
-failure (so a running pkcs11-tool gets the same bounded grace as at the
-deadline, and the caller gets one line, not a traceback); ``write_all`` writes
-without ever dying of SIGPIPE.
+disk, and signals at any moment. ``harden`` makes the process safe to work in.
+
+Signals: ``install_signal_handlers`` makes every catchable signal whose default
+is to end the process only *note* it (and wake any ``poll`` through a wakeup
+pipe); the code then stops at its next step. A handler that raised could fire
+between the start of pkcs11-tool and the wait for it, leave the tool to its
+parent-less fate inside a login, and destroy a SoftHSM2 token.
 
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
 import os
+import time
 
 from lap_pkcs11 import errors
 
 _PR_SET_DUMPABLE = 4
 _RLIMIT_CORE = 4
-_SIGNALS = {2: "SIGINT", 15: "SIGTERM", 1: "SIGHUP"}
+# Catchable signals whose default action ends the process (SIGPIPE and SIGXFSZ
+# Python already ignores): each is noted, and the command ends in one line.
+SIGNALS = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 10: "SIGUSR1", 12: "SIGUSR2",
+           14: "SIGALRM", 15: "SIGTERM", 26: "SIGVTALRM", 27: "SIGPROF"}
 _FD_LIMIT = 1 << 20
+
+# The signal noted first, and the read end of the wakeup pipe (None until installed).
+interrupted = None
+wakeup_fd = None
 
 
 def _libc_functions(public=False):
@@ -57,7 +67,8 @@ def no_core_dumps(public=False):
 
 def harden():
     """Open the standard streams that are closed, close every other inherited descriptor,
-    switch core dumps off; return the set of standard descriptors that were closed."""
+    take over the signals, switch core dumps off; return the set of standard
+    descriptors that were closed."""
     closed = set()
     for fd in (0, 1, 2):
         try:
@@ -70,12 +81,34 @@ def harden():
                 os.close(null)
             closed.add(fd)
     os.closerange(3, _FD_LIMIT)
+    install_signal_handlers()
     no_core_dumps()
     return closed
 
 
-def _interrupted(signum, frame):
-    raise errors.SigningFailed(f"interrupted by {_SIGNALS.get(signum, signum)}; nothing was signed")
+def started_at():
+    """When this process began, in ``time.monotonic()`` seconds.
+
+    The caller's deadline runs from before it started us, and under load the
+    interpreter's own start can take hundreds of milliseconds: the kernel's start
+    time of the process (clock ticks since boot) counts them, Python's clock at
+    ``main`` does not.
+    """
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - min(max(age, 0.0), 60.0)
+
+
+def _note(signum, frame):
+    global interrupted
+    if interrupted is None:
+        interrupted = signum
 
 
 def _signal_module():
@@ -87,24 +120,112 @@ def _signal_module():
 
 
 def install_signal_handlers():
-    """SIGINT, SIGTERM and SIGHUP raise SigningFailed where the program stands."""
+    """Note the terminating signals instead of dying of them; wake ``poll`` on each."""
+    global wakeup_fd
     module = _signal_module()
-    for signum in _SIGNALS:
-        module.signal(signum, _interrupted)
+    if wakeup_fd is None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        module.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        wakeup_fd = read_end
+    for signum in SIGNALS:
+        module.signal(signum, _note)
 
 
-def ignore_signals():
-    """From here on (the answer is being written) a signal changes nothing."""
-    module = _signal_module()
-    for signum in _SIGNALS:
-        module.signal(signum, module.SIG_IGN)
+def drain_wakeups():
+    """Empty the wakeup pipe (after a poll saw it readable)."""
+    try:
+        while os.read(wakeup_fd, 512):
+            pass
+    except (BlockingIOError, TypeError):
+        pass
 
 
-def write_all(fd, data):
-    """Write all of ``data`` to ``fd``; OSError (EPIPE, ENOSPC, EBADF) propagates.
+def interruption():
+    """The error for the signal noted, or None."""
+    if interrupted is None:
+        return None
+    return errors.SigningFailed(
+        f"interrupted by {SIGNALS.get(interrupted, interrupted)}; nothing was signed")
 
-    Python ignores SIGPIPE, so a reader that went away is EPIPE here, not death.
+
+def check_interrupted():
+    """Stop here, in one line, when a signal was noted."""
+    error = interruption()
+    if error is not None:
+        raise error
+
+
+def wait_readable(fd, deadline):
+    """Whether ``fd`` became readable before the monotonic ``deadline``; a noted signal
+    raises its error (the poll wakes up for it)."""
+    from select import POLLIN, poll
+
+    poller = poll()
+    poller.register(fd, POLLIN)
+    if wakeup_fd is not None:
+        poller.register(wakeup_fd, POLLIN)
+    while True:
+        check_interrupted()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready = [ready_fd for ready_fd, _ in poller.poll(left * 1000)]
+        if fd in ready:
+            return True
+        if ready:
+            drain_wakeups()
+
+
+def pause(seconds):
+    """Sleep ``seconds``, or less when a signal arrives; a noted signal raises its error."""
+    check_interrupted()
+    if wakeup_fd is None:
+        time.sleep(seconds)
+        return
+    from select import POLLIN, poll
+
+    poller = poll()
+    poller.register(wakeup_fd, POLLIN)
+    if poller.poll(seconds * 1000):
+        drain_wakeups()
+    check_interrupted()
+
+
+def write_all(fd, data, deadline):
+    """Write all of ``data`` to ``fd`` before the monotonic ``deadline``.
+
+    OSError (EPIPE, ENOSPC, EBADF, EFBIG) propagates; Python ignores SIGPIPE, so a
+    reader that went away is EPIPE here, not death. A reader that never reads is
+    TimeoutError at the deadline, not a hang. When a regular file took part of
+    the data before failing, that part is cut off again: no half signature stays.
     """
+    from select import POLLOUT, poll
+
+    poller = poll()
+    poller.register(fd, POLLOUT)
+    start = None  # a pipe, socket or terminal: writes this small are all or nothing
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & 0o170000 == 0o100000:
+            from fcntl import F_GETFL, fcntl
+
+            if fcntl(fd, F_GETFL) & os.O_APPEND or info.st_size == os.lseek(fd, 0, os.SEEK_CUR):
+                start = info.st_size  # a regular file, written at its end
+    except OSError:
+        pass
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError(110, "nobody reads it")
+            view = view[os.write(fd, view):]
+    except OSError:
+        if start is not None and len(view) < len(data):
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+        raise

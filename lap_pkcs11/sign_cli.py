@@ -9,7 +9,6 @@ new process, and those imports alone cost many times a signature).
 
 import binascii
 import os
-import select
 import time
 
 from lap_pkcs11 import config as configuration
@@ -97,17 +96,11 @@ def read_stdin(limit, deadline=None):
     With ``deadline`` (monotonic seconds), a writer that has not finished by then
     (one byte at a time, or never closing) is TIMEOUT, not a hang.
     """
-    poller = None
-    if deadline is not None:
-        poller = select.poll()
-        poller.register(0, select.POLLIN)
     chunks, size = [], 0
     while size <= limit:
-        if poller is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                raise errors.Timeout("stdin did not end before the deadline; the caller must "
-                                     "write the whole message and close stdin")
+        if deadline is not None and not process.wait_readable(0, deadline):
+            raise errors.Timeout("stdin did not end before the deadline; the caller must "
+                                 "write the whole message and close stdin")
         try:
             chunk = os.read(0, limit + 1 - size)
         except OSError as err:
@@ -147,9 +140,14 @@ def encode(signature, encoding):
     return signature
 
 
-def write_stdout(data):
+# How long a full pipe may hold up the last line (the answer is ready by then).
+OUTPUT_WAIT_SECONDS = 0.2
+
+
+def write_stdout(data, deadline=None):
+    """The answer on stdout, within ``deadline`` (default: OUTPUT_WAIT_SECONDS from now)."""
     try:
-        process.write_all(1, data)
+        process.write_all(1, data, deadline or time.monotonic() + OUTPUT_WAIT_SECONDS)
     except OSError as err:
         raise errors.SigningFailed(f"stdout cannot be written ({err.strerror})") from None
 
@@ -157,7 +155,8 @@ def write_stdout(data):
 def write_stderr(text):
     """The one stderr line; a stderr that cannot take it changes nothing else."""
     try:
-        process.write_all(2, text.encode("utf-8", "replace"))
+        process.write_all(2, text.encode("utf-8", "replace"),
+                          time.monotonic() + OUTPUT_WAIT_SECONDS)
     except OSError:
         pass
 
@@ -203,6 +202,7 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
         deadline = Deadline(end, caller_end, announce)
         message = read_message(config.input, read or (
             lambda limit: read_stdin(limit, deadline.end)))
+        process.check_interrupted()
         signature = sign(config, message, environ, deadline)
         return 0, encode(signature, config.output), ""
     except errors.SignerError as err:
@@ -219,24 +219,19 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
 
 def main(args, started=None):
     """Run ``sign`` with ``args``; return the exit code."""
-    started = time.monotonic() if started is None else started
     try:
         closed = process.harden()
-        process.install_signal_handlers()
     except errors.SignerError as err:
         write_stderr(err.line() + "\n")
         return err.exit_code
+    started = min(started or time.monotonic(), process.started_at())
     if 1 in closed:
         failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
                                        "signature, so nothing was signed")
         write_stderr(failure.line() + "\n")
         return failure.exit_code
     announce = Announcer(write_stderr)
-    try:
-        code, out, err = run(args, started, announce=announce)
-        process.ignore_signals()
-    except errors.SignerError as failure:  # a signal between the answer and ignoring signals
-        code, out, err = failure.exit_code, b"", "" if announce.done else failure.line() + "\n"
+    code, out, err = run(args, started, announce=announce)
     if out:
         try:
             write_stdout(out)

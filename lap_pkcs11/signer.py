@@ -12,7 +12,7 @@ import fcntl
 import os
 import time
 
-from lap_pkcs11 import errors, files, tool
+from lap_pkcs11 import errors, files, process, tool
 
 # pkcs11-tool reads at most 1025 bytes with one read() and falls back to
 # multi-part signing beyond 1024, which EdDSA tokens refuse.
@@ -91,83 +91,94 @@ def state_dir(config, env):
 def lock_name(module_stat, env):
     """The name shared by the lock file and the PIN-guard marker of one token store.
 
-    One lock per module file (its device and inode, whatever path names it) and
-    SoftHSM2 configuration (``env`` is pkcs11-tool's environment): SoftHSM2
-    rewrites token files at every login, and a concurrent reader of the same token
-    store then sees no token. The shell mirror builds the same name.
+    One lock per module file and SoftHSM2 configuration file (``env`` is
+    pkcs11-tool's environment), each known by its device and inode whatever path
+    names it: SoftHSM2 rewrites token files at every login, and a concurrent
+    reader of the same token store then sees no token. A configuration path that
+    names no file keeps its spelling (bytes outside ``[A-Za-z0-9._-]`` as ``_``,
+    160 at most). The shell mirror builds the same name.
     """
-    conf = env.get("SOFTHSM2_CONF", "").encode("utf-8", "surrogateescape")
-    conf = conf.decode("latin-1").translate(_LOCK_NAME_BYTES)[:160]
-    return f"{module_stat.st_dev}-{module_stat.st_ino}-{conf}"
+    name = f"{module_stat.st_dev}-{module_stat.st_ino}"
+    conf = env.get("SOFTHSM2_CONF", "")
+    if not conf:
+        return name
+    try:
+        info = os.stat(conf)
+        return f"{name}-{info.st_dev}-{info.st_ino}"
+    except (OSError, ValueError):
+        text = conf.encode("utf-8", "surrogateescape").decode("latin-1")
+        return f"{name}-{text.translate(_LOCK_NAME_BYTES)[:160]}"
 
 
 class PinGuard:
-    """Remembers a PIN the token rejected, so that no later call tries it again.
+    """Remembers the PINs the token rejected, so that no later call tries them again.
 
     Real tokens lock the user PIN after a few wrong tries, and the gateway runs
     the signer for every signature: without this, one wrong PIN would lock the
-    token within seconds. The marker holds sha256(per-user secret, newline, PIN),
-    never the PIN; marker and secret live in the signer's private state directory
-    and are refused unless they are the signer user's own 0600 files (that user
-    can read the PIN itself anyway). The guard is read and written only while the
-    token lock is held, so of many concurrent callers with one wrong PIN exactly
-    one reaches the token. The shell mirror reads and writes the same files.
+    token within seconds. The marker holds one line per rejected PIN (the last
+    MAX_REMEMBERED), sha256(per-user secret, newline, PIN) in hex, never the PIN;
+    marker and secret live in the signer's private state directory and are
+    refused unless they are the signer user's own 0600 files (that user can read
+    the PIN itself anyway). The guard is read and written only while the token
+    lock is held, so of many concurrent callers with one wrong PIN exactly one
+    reaches the token. The shell mirror reads and writes the same files.
     """
 
-    LIMIT = 256
+    LIMIT = 4096
+    MAX_REMEMBERED = 8
+    _HEX = frozenset("0123456789abcdef")
 
     def __init__(self, folder, name):
         self.marker = os.path.join(folder, name + ".pin-rejected")
         self.secret_file = os.path.join(folder, "secret")
 
-    def _read(self, path):
+    def _lines(self, path):
         fd = files.open_private(path, os.O_RDONLY, self.LIMIT)
         if fd is None:
-            return None
+            return []
         try:
-            return os.read(fd, self.LIMIT).split(b"\n", 1)[0].decode("ascii", "replace")
+            text = os.read(fd, self.LIMIT).decode("ascii", "replace")
         finally:
             os.close(fd)
+        return [line for line in text.split("\n") if len(line) == 64 and self._HEX.issuperset(line)]
 
-    def _write(self, fd, text):
+    def _write(self, path, lines):
+        fd = files.open_private(path, os.O_WRONLY | os.O_CREAT)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (text + "\n").encode(), 0)
+            os.pwrite(fd, "".join(line + "\n" for line in lines).encode(), 0)
         finally:
             os.close(fd)
 
     def _secret(self, create):
-        secret = self._read(self.secret_file)
-        if secret or not create:
-            return secret
+        """The per-user secret; a missing or damaged one is made anew when ``create``."""
+        found = self._lines(self.secret_file)
+        if found or not create:
+            return found[0] if found else None
         fresh = os.urandom(32).hex()
-        try:
-            fd = files.open_private(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            return self._read(self.secret_file)
-        self._write(fd, fresh)
+        self._write(self.secret_file, [fresh])
         return fresh
 
-    def _fingerprint(self, pin, create):
-        secret = self._secret(create)
-        if not secret:
-            return None
+    @staticmethod
+    def _fingerprint(secret, pin):
         from hashlib import sha256
 
         return sha256(secret.encode() + b"\n" + pin.encode("utf-8", "surrogateescape")).hexdigest()
 
     def check(self, pin):
         """Refuse a PIN the token has rejected before, without asking the token."""
-        seen = self._read(self.marker)
-        if seen and seen == self._fingerprint(pin, create=False):
+        seen = self._lines(self.marker)
+        secret = self._secret(create=False) if seen else None
+        if secret and self._fingerprint(secret, pin) in seen:
             raise errors.PinIncorrect(
                 "the token rejected this PIN before and it is not tried again, so the token "
                 f"cannot lock; fix the PIN (if the token's PIN was changed to it, remove "
                 f"{self.marker})")
 
     def remember(self, pin):
-        fingerprint = self._fingerprint(pin, create=True)
-        self._write(files.open_private(self.marker, os.O_WRONLY | os.O_CREAT), fingerprint)
+        fingerprint = self._fingerprint(self._secret(create=True), pin)
+        seen = [line for line in self._lines(self.marker) if line != fingerprint]
+        self._write(self.marker, [*seen, fingerprint][-self.MAX_REMEMBERED:])
 
     def forget(self):
         if os.path.lexists(self.marker):
@@ -189,19 +200,19 @@ def acquire_lock(path, deadline):
     fd = files.open_private(path, os.O_RDWR | os.O_CREAT)
     # Waiting stops where a pkcs11-tool run would no longer fit before the deadline.
     give_up = deadline.end - tool.MIN_TOOL_MS / 1000
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= give_up:
-                os.close(fd)
-                raise errors.Timeout("the token stayed busy with other signatures until the "
-                                     "deadline; raise --timeout-ms or lower concurrency") from None
-            time.sleep(LOCK_POLL_SECONDS)
-        except BaseException:
-            os.close(fd)
-            raise
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    raise errors.Timeout("the token stayed busy with other signatures until the "
+                                         "deadline; raise --timeout-ms or lower concurrency") from None
+                process.pause(min(LOCK_POLL_SECONDS, max(give_up - time.monotonic(), 0)))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def resolve_key_id(config, tool_path, env, pin_env, deadline):

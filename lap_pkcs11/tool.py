@@ -3,9 +3,8 @@
 ``sign_argv``, ``list_objects_argv`` and their siblings build argument vectors (pure functions, and
 never with the PIN in them: it travels as ``--pin env:NAME``). ``run`` starts the
 tool with no shell, in a new session (so it has no terminal to prompt on and its
-whole process group can be killed), under ``setpriv --pdeathsig TERM`` and
-coreutils' ``timeout`` (so its whole group dies with us even when we are
-SIGKILLed, see ``chain_prefix``), with the message in an anonymous memory file
+whole process group can be killed), under coreutils' ``timeout`` (so its whole
+group is killed by our deadline even when we are gone, see ``chain_prefix``), with the message in an anonymous memory file
 and its stdout and stderr in two more, and waits for it against a deadline.
 ``classify`` turns the tool's stderr into a typed error. ``Deadline`` keeps the
 tool from being killed inside a login or a signature that would have finished.
@@ -13,15 +12,15 @@ tool from being killed inside a login or a signature that would have finished.
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
+import fcntl
 import os
 import select
 import time
 
-from lap_pkcs11 import errors
+from lap_pkcs11 import errors, process
 
 # What we read back of the tool's stdout and stderr at most.
 OUTPUT_LIMIT = 1 << 16
-SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 TIMEOUT_CANDIDATES = ("/usr/bin/timeout", "/bin/timeout")
 # pkcs11-tool is not started with less than this left: its run measured here
 # 6.5 ms idle and 13 ms p50 / 24 ms p99 / 37 ms max with both cores saturated,
@@ -32,6 +31,8 @@ MIN_TOOL_MS = 50
 GRACE_MS = 200
 # The kill comes this long before the caller's own end at the latest.
 KILL_RESERVE_MS = 50
+# timeout(1)'s own kill, should we be gone, comes this long after ``kill_at``.
+BACKSTOP_SLACK_MS = 20
 _SIGKILL = 9
 
 
@@ -154,16 +155,18 @@ def _first_executable(candidates, what):
     raise errors.ToolNotFound(f"{what} is missing; install it")
 
 
-def chain_prefix():
-    """What runs pkcs11-tool: ``setpriv --pdeathsig TERM -- timeout -k 1 0``.
+def chain_prefix(deadline):
+    """What runs pkcs11-tool: coreutils' ``timeout -s KILL SECONDS``, up to ``kill_at``.
 
-    setpriv arms the parent-death signal, so our death (even by SIGKILL) sends
-    SIGTERM to coreutils' timeout, which leads the tool's process group and then
-    signals that whole group (a module's helper processes too), and SIGKILL after
-    1 s. A duration of 0 never times out: the deadline is ours to keep.
+    ``timeout`` leads the tool's process group and kills all of it (a module's
+    helper processes too) when the time is up, even when we are gone: a caller
+    that SIGKILLs us cannot leave it running past our deadline, nor kill it
+    inside a login, which would empty SoftHSM2's token file. While we live, we
+    kill the group ourselves at ``kill_at``; its own clock runs a little longer.
     """
-    return [_first_executable(SETPRIV_CANDIDATES, "setpriv (util-linux)"), "--pdeathsig", "TERM",
-            "--", _first_executable(TIMEOUT_CANDIDATES, "timeout (coreutils)"), "-k", "1", "0"]
+    seconds = max(deadline.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000
+    return [_first_executable(TIMEOUT_CANDIDATES, "timeout (coreutils)"), "-s", "KILL",
+            f"{seconds:.3f}"]
 
 
 def memory_file(name, data=b""):
@@ -174,31 +177,47 @@ def memory_file(name, data=b""):
     return fd
 
 
+def output_file(name):
+    """An in-memory file for the tool's output that cannot grow past OUTPUT_LIMIT.
+
+    Its size is fixed and sealed; the tool's writes advance the offset it shares
+    with us, which is how much it wrote. A tool that prints without end gets
+    EPERM, not our memory.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, OUTPUT_LIMIT)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def _written(fd):
+    return os.pread(fd, os.lseek(fd, 0, os.SEEK_CUR), 0)
+
+
 def run(argv, env, deadline, stdin_data=None):
     """Run ``argv`` until it exits, within ``deadline`` (a Deadline, or monotonic seconds).
 
     ``stdin_data`` (bytes) is exposed to the tool as ``/dev/fd/3``, a regular file,
     so one ``read()`` sees all of it. The tool is not started when too little time
-    is left; when the deadline passes while it runs (or a signal interrupts us), the
-    outcome is announced at once, the tool may still finish until ``kill_at``, and
-    then its whole process group is killed and reaped.
+    is left or a signal was noted; when the deadline passes while it runs (or a
+    signal arrives), the outcome is announced at once, the tool may still finish
+    until ``kill_at``, and then its whole process group is killed and reaped.
     """
     if not isinstance(deadline, Deadline):
         deadline = Deadline(deadline)
+    process.check_interrupted()
     deadline.require_tool_time()
-    fds = [memory_file("stdout"), memory_file("stderr")]
+    fds = [output_file("stdout"), output_file("stderr")]
     actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[1], 2)]
     if stdin_data is not None:
         fds.append(memory_file("message", stdin_data))
         actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
     try:
-        spawn_argv = [*chain_prefix(), *argv]
+        spawn_argv = [*chain_prefix(deadline), *argv]
         pid = os.posix_spawn(spawn_argv[0], spawn_argv, env, file_actions=actions, setsid=True)
         status = _wait(pid, deadline)
-        stdout = os.pread(fds[0], OUTPUT_LIMIT, 0)
-        stderr = os.pread(fds[1], OUTPUT_LIMIT, 0).decode("utf-8", "replace")
-        return Result(status, stdout, stderr)
+        return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:
         for fd in fds:
             os.close(fd)
@@ -207,38 +226,39 @@ def run(argv, env, deadline, stdin_data=None):
 def _wait(pid, deadline):
     """The tool's exit code; on the deadline or a signal, the grace, the kill, the error."""
     pidfd = os.pidfd_open(pid)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    late, until, exited = None, deadline.end, False
     try:
-        try:
-            if not poller.poll(max(deadline.left(), 0) * 1000):
-                raise errors.Timeout("pkcs11-tool did not finish before the deadline; "
-                                     "check the token, pcscd and --timeout-ms")
-        except BaseException as late:
-            _finish_late(pid, poller, deadline, late)
-            raise
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if process.wakeup_fd is not None:
+            poller.register(process.wakeup_fd, select.POLLIN)
+        while not exited:
+            if late is None:
+                if process.interrupted is not None:
+                    late = process.interruption()
+                    until = min(deadline.kill_at, time.monotonic() + GRACE_MS / 1000)
+                elif time.monotonic() >= deadline.end:
+                    late = errors.Timeout("pkcs11-tool did not finish before the deadline; "
+                                          "check the token, pcscd and --timeout-ms")
+                    until = deadline.kill_at
+                if late is not None and deadline.announce is not None:
+                    deadline.announce(late)  # at once; the tool may still finish
+            left = until - time.monotonic()
+            if late is not None and left <= 0:
+                break  # the grace is over
+            ready = [fd for fd, _ in poller.poll(max(left, 0) * 1000)]
+            exited = pidfd in ready
+            if ready and not exited:
+                process.drain_wakeups()  # noted; a second signal changes nothing
     finally:
         os.close(pidfd)
+    if not exited:
+        _kill_group(pid)
     _, status = os.waitpid(pid, 0)
     _kill_group(pid)  # whatever the tool left behind in its process group goes with it
+    if late is not None:
+        raise late
     return os.waitstatus_to_exitcode(status)
-
-
-def _finish_late(pid, poller, deadline, late):
-    """Answer ``late`` at once, let the tool finish until ``kill_at``, then kill its group."""
-    if deadline.announce is not None and isinstance(late, errors.SignerError):
-        deadline.announce(late)
-    try:
-        grace = min(deadline.kill_at, time.monotonic() + GRACE_MS / 1000) - time.monotonic()
-        if grace > 0:
-            poller.poll(grace * 1000)
-    except BaseException:  # a second signal ends the grace at once
-        pass
-    _kill_group(pid)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 def _kill_group(pid):

@@ -31,7 +31,9 @@ def recorded(record, key):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_signer_takes_pkcs11_tool_with_it(signer, keyed, sig):
-    """FAKE tool (a hang): the gateway SIGKILLs a late signer; a supervisor may SIGTERM it."""
+    """FAKE tool (a hang, with a helper in its process group): the gateway SIGKILLs a late
+    signer; a supervisor may SIGTERM it. The whole group is gone by the signer's own
+    deadline plus the grace (a SIGTERM: after the grace), and nothing is left behind."""
     token, _ = keyed
     record = token.home / "record"
     env, args = fake(token, "hang", record)
@@ -39,19 +41,42 @@ def test_killed_signer_takes_pkcs11_tool_with_it(signer, keyed, sig):
     tmp.mkdir()
     env["TMPDIR"] = str(tmp)
     before = sorted(p.name for p in token.home.iterdir())
-    proc = subprocess.Popen([*signer.argv, *args, "--timeout-ms", "60000"], env=env,
+    proc = subprocess.Popen([*signer.argv, *args, "--timeout-ms", "2000"], env=env,
                             cwd=token.home, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdin.write(MESSAGE)
     proc.stdin.close()
     assert wait_for(lambda: record.exists() and recorded(record, "child")), "fake never started"
-    tool_pid = int(recorded(record, "pid")[0])
+    pids = [int(recorded(record, key)[0]) for key in ("pid", "child")]
     proc.send_signal(sig)
     proc.wait(timeout=10)
     assert proc.stdout.read() == b""
-    assert wait_for(lambda: not alive(tool_pid)), "pkcs11-tool outlived the signer"
+    for pid in pids:
+        assert wait_for(lambda: not alive(pid)), f"process {pid} outlived the signer's deadline"
     assert list(tmp.iterdir()) == []
     assert sorted(p.name for p in token.home.iterdir()) == sorted([*before, "record"])
+
+
+def test_a_caller_that_kills_the_signer_does_not_kill_the_token_mid_run(signer, keyed):
+    """FAKE slow token: SIGKILL of the signer (the gateway's own timeout) must not kill
+    pkcs11-tool inside its run (a login rewrites SoftHSM2's token file); it finishes."""
+    token, _ = keyed
+    record, go = token.home / "record", token.home / "go"
+    env, args = fake(token, "wait-go", record)
+    env["FAKE_GO"] = str(go)
+    proc = subprocess.Popen([*signer.argv, *args, "--timeout-ms", "5000"], env=env,
+                            cwd=token.home, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdin.write(MESSAGE)
+    proc.stdin.close()
+    assert wait_for(lambda: record.exists() and recorded(record, "pid")), "fake never started"
+    tool_pid = int(recorded(record, "pid")[0])
+    proc.kill()
+    proc.wait(timeout=10)
+    assert alive(tool_pid), "the run was killed with the signer"
+    go.touch()
+    assert wait_for(lambda: "finished=1" in record.read_text()), "the run did not finish"
+    assert wait_for(lambda: not alive(tool_pid))
 
 
 def test_sixteen_concurrent_signs_on_one_token_all_succeed(signer, keyed):
