@@ -29,6 +29,8 @@ _FD_LIMIT = 1 << 20
 # The signal noted first, and the read end of the wakeup pipe (None until installed).
 interrupted = None
 wakeup_fd = None
+# Whether ``harden`` left marking the process not dumpable to ``finish_hardening``.
+_dumpable = False
 
 
 def _libc_functions(public=False):
@@ -65,10 +67,28 @@ def no_core_dumps(public=False):
         raise errors.SigningFailed("core dumps cannot be switched off (prctl/setrlimit failed)")
 
 
+def no_core_file():
+    """Core limit 0, at once and for pkcs11-tool too (it inherits it): no core file."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def finish_hardening():
+    """Mark the process not dumpable, once, after ``harden`` (the signer calls this while
+    pkcs11-tool runs: loading ctypes' core there costs the caller nothing; the core
+    limit is 0 from the start, so no core file can be written before it either)."""
+    global _dumpable
+    if _dumpable:
+        _dumpable = False
+        no_core_dumps()
+
+
 def harden():
     """Open the standard streams that are closed, close every other inherited descriptor,
-    take over the signals, switch core dumps off; return the set of standard
-    descriptors that were closed."""
+    take over the signals, set the core limit to 0; return the set of standard
+    descriptors that were closed. ``finish_hardening`` completes it."""
+    global _dumpable
     closed = set()
     for fd in (0, 1, 2):
         try:
@@ -82,7 +102,8 @@ def harden():
             closed.add(fd)
     os.closerange(3, _FD_LIMIT)
     install_signal_handlers()
-    no_core_dumps()
+    no_core_file()
+    _dumpable = True
     return closed
 
 

@@ -216,6 +216,14 @@ def run(argv, env, deadline, stdin_data=None):
     try:
         spawn_argv = [*chain_prefix(deadline), *argv]
         pid = os.posix_spawn(spawn_argv[0], spawn_argv, env, file_actions=actions, setsid=True)
+        try:
+            process.finish_hardening()  # while the tool starts, not before
+        except errors.SignerError as failure:
+            try:  # no answer comes from a dumpable signer; the tool still gets its grace
+                _wait(pid, Deadline(time.monotonic()))
+            except errors.SignerError:
+                pass
+            raise failure
         status = _wait(pid, deadline)
         return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:

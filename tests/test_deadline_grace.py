@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import assert_failure
+from conftest import IMPLEMENTATIONS, assert_failure
 from lap_pkcs11 import errors, tool
 from lap_pkcs11 import signer as signing
 from test_sign_errors import fake
@@ -117,3 +117,18 @@ def test_the_python_signer_is_not_dumpable_and_has_no_core_limit():
                              text=True, check=True).stdout.split("\n")
         assert out[0] == "0", out
         assert out[1] == "(0, 0)", out
+
+
+def test_the_running_signer_is_not_dumpable_and_its_tool_has_no_core_limit(keyed):
+    """Seen from the (FAKE) tool: RLIMIT_CORE 0 in both; the signer's /proc files are
+    root's (not dumpable), which tells only when the signer runs as another user."""
+    token, _ = keyed
+    info = token.home / "process"
+    env, args = fake(token, "garbage")
+    env["FAKE_PROCESS"] = str(info)
+    python = IMPLEMENTATIONS["python"]()
+    python(args, MESSAGE, env=env, cwd=token.home)
+    seen = dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line)
+    assert seen["core"] == "0"
+    assert seen["signer_core"] == "0/0"
+    assert seen["signer_proc_uid"] == "0"
