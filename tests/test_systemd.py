@@ -80,6 +80,10 @@ def test_each_loosening_drop_in_states_its_measured_score(tmp_path, drop_in):
     assert f"| `examples/{drop_in.name}` | {score:.1f} |" in (UNITS / "README.md").read_text()
 
 
+def test_no_core_dumps():
+    assert unit_value(SERVICE, "LimitCORE") == ["0"]
+
+
 def test_pin_comes_from_a_credential_not_the_environment_file():
     exec_start = unit_value(SERVICE, "ExecStart")[0]
     assert "--pin-file %d/pin" in exec_start
@@ -89,11 +93,12 @@ def test_pin_comes_from_a_credential_not_the_environment_file():
 class Activated:
     """systemd-socket-activate running the service's own ExecStart per connection."""
 
-    def __init__(self, token, tmp_path, env_overrides=None, tool=None):
+    def __init__(self, token, tmp_path, env_overrides=None, tool=None, **popen):
         self.path = tmp_path / "run" / "signer.sock"
         credentials = tmp_path / "credentials"
-        credentials.mkdir()
+        credentials.mkdir(mode=0o700)
         (credentials / "pin").write_text(USER_PIN + "\n")
+        (credentials / "pin").chmod(0o600)  # as systemd hands over a credential
         state = tmp_path / "state"
         state.mkdir()
         argv = shlex.split(unit_value(SERVICE, "ExecStart")[0].replace("%d", str(credentials)))
@@ -112,7 +117,8 @@ class Activated:
         self.log = open(tmp_path / "activate.log", "wb")
         self.proc = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd",
                                       "-l", str(self.path), *flags, *argv],
-                                     stdout=self.log, stderr=self.log, start_new_session=True)
+                                     stdout=self.log, stderr=self.log, start_new_session=True,
+                                     **popen)
         deadline = time.monotonic() + 10
         while not self.path.exists():
             assert time.monotonic() < deadline, "socket never appeared"
@@ -315,6 +321,7 @@ def test_every_system_call_of_a_signature_passes_the_unit_filter(keyed, tmp_path
     assert strace, "strace missing: apt-get install strace"
     pin = tmp_path / "pin"
     pin.write_text(USER_PIN + "\n")
+    pin.chmod(0o600)
     request = tmp_path / "request"
     request.write_bytes(b"LAP1 1500\n" + base64.b64encode(b"traced") + b"\n")
     env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
