@@ -13,6 +13,7 @@ MAGIC = b"LAP1"
 MAX_HEADER = 64
 # The client's deadline less this, so the signer answers TIMEOUT before the client gives up.
 SERVER_MARGIN_MS = 150
+MAX_NAME = 40
 
 
 def request_header(deadline_ms):
@@ -31,10 +32,24 @@ def response(code, name, payload):
     return b"%s %d %s\n" % (MAGIC, code, name.encode()) + payload
 
 
+def _is_name(word):
+    """An error name as errors.py spells them (or OK): upper-case ASCII, digits, underscores."""
+    return 0 < len(word) <= MAX_NAME and word[:1].isalpha() and word.isupper() and \
+        word.replace(b"_", b"").isalnum()
+
+
 def parse_response(data):
-    """(code, name, payload) of a response, or None when it is not one."""
+    """(code, name, payload) of a response exactly as ``response`` writes it, or None.
+
+    Strict on purpose: the client passes on nothing of an answer it cannot read
+    exactly (one space between fields, a decimal code without leading zeros, a
+    name of capitals and underscores), so no byte of a foreign header reaches a log.
+    """
     line, newline, payload = data.partition(b"\n")
-    parts = line.split()
-    if not newline or len(parts) != 3 or parts[0] != MAGIC or not parts[1].isdigit():
+    parts = line.split(b" ")
+    if not newline or len(parts) != 3 or parts[0] != MAGIC:
         return None
-    return int(parts[1]), parts[2].decode("ascii", "replace"), payload
+    code, name = parts[1], parts[2]
+    if not (code.isdigit() and len(code) <= 3 and code == b"%d" % int(code)) or not _is_name(name):
+        return None
+    return int(code), name.decode("ascii"), payload
