@@ -13,7 +13,6 @@ This module is on the per-signature path: it imports only what Python has built 
 
 import os
 
-from lap_pkcs11 import envfile
 from lap_pkcs11.errors import ConfigInvalid
 from lap_pkcs11.options import OPTIONS
 
@@ -94,7 +93,11 @@ def env_file_source(flags, environ, path):
 def raw_layers(flags, environ):
     """Pick each option's raw text and source by precedence, before parsing."""
     path = env_file_path(flags.get("env_file"), environ)
-    file_env = envfile.load(path) if path is not None else {}
+    file_env = {}
+    if path is not None:
+        from lap_pkcs11 import envfile  # only when there is a file: sign runs per signature
+
+        file_env = envfile.load(path)
     raw = {}
     for option in OPTIONS:
         if option.attr == "env_file":
