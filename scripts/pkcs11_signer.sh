@@ -47,8 +47,12 @@ readonly CALLER_MARGIN_MS=250 MIN_DEADLINE_MS=50
 # and a kill in the middle of that write destroys the token. A run that the
 # deadline overtakes gets GRACE_MS more (the TIMEOUT line is written at once),
 # but never past the caller's own deadline less KILL_RESERVE_MS.
-readonly MIN_TOOL_MS=50 GRACE_MS=200 KILL_RESERVE_MS=50 POLL_US=20000
-readonly ENV_FILE_LIMIT=1048576 PIN_FILE_LIMIT=4096 STATE_FILE_LIMIT=256
+# When we are gone, timeout(1) kills the tool's group BACKSTOP_MS after kill_at.
+readonly MIN_TOOL_MS=50 GRACE_MS=200 KILL_RESERVE_MS=50 BACKSTOP_MS=20 POLL_US=20000
+readonly ENV_FILE_LIMIT=1048576 PIN_FILE_LIMIT=4096 STATE_FILE_LIMIT=4096 OUTPUT_LIMIT=65536
+readonly GUARD_REMEMBERED=8  # rejected PINs the guard keeps
+# Signals whose default would end us (as lap_pkcs11/process.py's): each is one line.
+readonly SIGNALS=(HUP INT QUIT USR1 USR2 ALRM TERM VTALRM PROF)
 
 # attr|flag|variables|default: the same table as lap_pkcs11/options.py.
 readonly OPTION_TABLE=(
@@ -84,16 +88,23 @@ DEADLINE_US=0 KILL_AT_US=0 CALLER_END_US=0
 LINE="" EXIT=0 TOOL_PID="" IN_STDIN="" MARKER="" STATUS=0 ERR_TEXT="" TEXT=""
 BYTES=() PARTS=()
 
-# say NAME MESSAGE: the one stderr line (whitespace folded), written at most once,
+# say NAME MESSAGE: the one stderr line (whitespace folded, control characters
+# made "?"), written at most once,
 # to STDERR: our stderr as we got it, even from a trap while a command of ours has
 # its stderr redirected.
 # A closed, full or broken stderr changes nothing else: no SIGPIPE, no bash message.
 # No read builtin here: a signal handler calls it, and a read nested in an
 # interrupted read -t would cancel that read's timeout.
 say() {
-  local text=${2//[$'\t\n\r\v\f']/ } out=${STDERR:-2}
+  local text=${2//[$'\t\n\r\v\f\x1c\x1d\x1e\x1f']/ } out=${STDERR:-2}
+  text=${text//$'\xc2\x85'/ }
+  text=${text//$'\xc2\xa0'/ }
   while [[ $text == *"  "* ]]; do text=${text//  / }; done
   text=${text# }
+  # Whatever it quotes (a path, pkcs11-tool's stderr) cannot put a control
+  # character or an escape sequence into the caller's log: each is a "?".
+  text=${text//[[:cntrl:]]/?}
+  text=${text//$'\xc2'[$'\x80'-$'\x9f']/?}
   trap '' PIPE
   LINE=$1 EXIT=${EXIT_CODE[$1]}
   printf 'lap-pkcs11: %s: %s\n' "$1" "${text% }" 1>&"$out" 2>/dev/null || true
@@ -105,7 +116,7 @@ fail() {
   exit "$EXIT"
 }
 
-# SIGINT, SIGTERM and SIGHUP are the deadline arriving now: with pkcs11-tool
+# SIGINT, SIGTERM, SIGHUP (and the other SIGNALS) are the deadline arriving now: with pkcs11-tool
 # running, the line is written at once and the tool gets the same bounded grace
 # (run_tool kills its group then); otherwise we stop here.
 on_signal() {
@@ -120,7 +131,7 @@ on_signal() {
   exit "$EXIT"
 }
 
-# The stdin alarm (see read_message): SIGALRM at the deadline ends a read that
+# The stdin alarm (see read_message): SIGURG at the deadline ends a read that
 # a trickling writer keeps waiting.
 on_alarm() {
   [[ -z $IN_STDIN ]] || fail TIMEOUT "stdin did not end before the deadline; send the whole message and close stdin (or raise --timeout-ms)"
@@ -129,6 +140,21 @@ on_alarm() {
 usage() {
   trap '' PIPE
   sed -n '/^# Usage:/,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" 2>/dev/null || true
+}
+
+# started_at: when this process began, from the kernel (field 22 of
+# /proc/self/stat, in clock ticks since boot, against /proc/uptime): the
+# caller's deadline runs from before we started, and under load bash's own start
+# takes a while. As lap_pkcs11/process.py's started_at; 10 ms resolution.
+started_at() {
+  local stat up ticks now=${EPOCHREALTIME/./} fields
+  { IFS= read -r stat < /proc/self/stat && read -r up _ < /proc/uptime; } 2>/dev/null || return 0
+  read -r -a fields <<< "${stat##*) }"
+  ticks=${fields[19]-}
+  [[ $ticks =~ ^[0-9]+$ && $up =~ ^([0-9]+)\.([0-9]{2})$ ]] || return 0
+  local age=$(((10#${BASH_REMATCH[1]} * 100 + 10#${BASH_REMATCH[2]} - ticks) * 10000))
+  ((age > 0 && age < 60000000 && now - age < START_US)) && START_US=$((now - age))
+  return 0
 }
 
 # close_stray_fds: descriptors the caller left open (above 2) are closed, so
@@ -155,16 +181,10 @@ check_stdio() {
   STDOUT_CLOSED=1
 }
 
-trim() {  # trim VAR: strip surrounding whitespace in place
+trim() {  # trim VAR: strip surrounding spaces and TABs in place (as options.py)
   local -n _value=$1
-  _value=${_value#"${_value%%[![:space:]]*}"}
-  _value=${_value%"${_value##*[![:space:]]}"}
-}
-
-trim_blank() {  # trim_blank VAR: strip surrounding spaces and TABs (the env-file grammar)
-  local -n _text=$1
-  _text=${_text#"${_text%%[![:blank:]]*}"}
-  _text=${_text%"${_text##*[![:blank:]]}"}
+  _value=${_value#"${_value%%[![:blank:]]*}"}
+  _value=${_value%"${_value##*[![:blank:]]}"}
 }
 
 parse_args() {
@@ -200,10 +220,9 @@ parse_args() {
 }
 
 # stat_into NAMES...: stat(2) (symlinks followed) of each name into INFO[name] as
-# "uid mode size type"; a name that cannot be stat'ed gets no entry. One process.
+# "uid mode size dev-ino type"; a name that cannot be stat'ed gets no entry. One process.
 stat_into() {
   local record
-  INFO=()
   while IFS= read -r -d '' record; do
     INFO[${record#*$'\n'}]=${record%%$'\n'*}
   done < <(exec stat -L --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" 2>/dev/null)
@@ -247,7 +266,7 @@ quoted_value() {
     c=${text:i:1}
     if [[ $c == "$quote" ]]; then
       tail=${text:i+1}
-      trim_blank tail
+      trim tail
       [[ -z $tail || $tail == \#* ]] || { REPLY="unexpected text after the closing quote"; return 1; }
       [[ $quote == '"' && $out == *"\${"* ]] && { REPLY="\${...} expansion is not supported; write the value out"; return 1; }
       REPLY=$out
@@ -285,7 +304,7 @@ quoted_value() {
 # or drop (NUL, a control character other than TAB, DEL, U+0085, U+2028,
 # U+2029) is refused with its number, comments too. Blanks are space and TAB.
 load_env_file() {
-  local path=$1 fd line key rest number=0 value nul_line=0 before="" ended total=0
+  local path=$1 fd line key raw rest number=0 value nul_line=0 before="" ended total=0
   open_named "$path" "env file"
   fd=$REPLY
   stat_into "/dev/fd/$fd"
@@ -308,25 +327,27 @@ load_env_file() {
         || $line == *$'\xe2\x80\xa8'* || $line == *$'\xe2\x80\xa9'* ]]; then
       fail CONFIG_INVALID "env file $path: line $number: holds a NUL, a control character other than TAB, DEL, a lone CR or a Unicode line break; remove it"
     fi
-    trim_blank line
+    trim line
     [[ -z $line || $line == \#* ]] && continue
     if [[ $line == "export "* || $line == "export"$'\t'* ]]; then
       line=${line:7}
-      trim_blank line
+      trim line
     fi
     [[ $line == *=* ]] || fail CONFIG_INVALID "env file $path: line $number is not KEY=VALUE"
     key=${line%%=*}
-    rest=${line#*=}
-    trim_blank key
-    trim_blank rest
+    raw=${line#*=}
+    rest=$raw
+    trim key
+    trim rest
     [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] \
       || fail CONFIG_INVALID "env file $path: line $number is not KEY=VALUE"
     if [[ $rest == [\'\"]* ]]; then
       quoted_value "$rest" || fail CONFIG_INVALID "env file $path: line $number: $REPLY"
       value=$REPLY
     else
-      if [[ $rest == \#* ]]; then value=""; else value=${rest%%[[:blank:]]#*}; fi
-      trim_blank value
+      # A comment starts at a "#" after a space or TAB: "A=#a" is the value "#a".
+      value=${raw%%[[:blank:]]#*}
+      trim value
       [[ $value == *"\${"* ]] && fail CONFIG_INVALID \
         "env file $path: line $number: \${...} expansion is not supported; write the value out"
     fi
@@ -504,16 +525,20 @@ stdin_error() {
 
 # The stdin alarm: a pipe's writer may trickle and never close, and bash's
 # read -t costs a select() per byte. So stdin is read without -t, and a helper
-# (dying with us) sends SIGALRM at the deadline; on_alarm turns it into TIMEOUT.
+# (dying with us) sends SIGURG (whose default is to be ignored, and which no
+# caller sends) at the deadline, and again every 50 ms (bash runs a trap when a
+# read is interrupted, and a signal may come between two reads); on_alarm turns
+# it into TIMEOUT.
 start_stdin_alarm() {
   local left=$((DEADLINE_US - ${EPOCHREALTIME/./}))
   ((left > 0)) || fail TIMEOUT "the deadline passed before stdin was read; raise --timeout-ms"
   IN_STDIN=1
   [[ -f /dev/fd/0 ]] && return 0  # a regular file never keeps a read waiting
   seconds "$left"
-  trap on_alarm ALRM
+  trap on_alarm URG
   # shellcheck disable=SC2016 # sh expands them
-  setpriv --pdeathsig KILL -- sh -c 'setpriv --pdeathsig KILL -- sleep "$1" && kill -ALRM "$2"' \
+  setpriv --pdeathsig KILL -- sh -c \
+    'setpriv --pdeathsig KILL -- sleep "$1" && while kill -URG "$2"; do sleep 0.05; done' \
     sh "$REPLY" "$$" </dev/null >/dev/null 2>&1 {STDERR}>&- &
   ALARM=$!
 }
@@ -522,7 +547,7 @@ stop_stdin_alarm() {
   IN_STDIN=""
   [[ -n ${ALARM-} ]] || return 0
   kill "$ALARM" 2>/dev/null || true
-  trap : ALRM
+  trap - URG  # SIGURG's default: ignored
 }
 
 # The message on stdin into the scratch pipe MSG_FD, under the deadline.
@@ -652,41 +677,67 @@ find_tool() {
 }
 
 # lock_dir: the private directory of the lock and PIN-guard files into DIR
-# (empty for --lock-dir none): --lock-dir itself, or lap-pkcs11-<euid> (made
-# 0700) in $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp. Checked in inspect_files.
+# (empty for --lock-dir none): --lock-dir itself, or lap-pkcs11-<euid> in
+# $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp (MADE: made 0700 by
+# inspect_files, once the directories above it are found safe); ANCESTORS: the
+# directories above it, nearest first, as os.path.abspath spells them.
 lock_dir() {
-  DIR=${VAL[lock_dir]-}
+  local path part rest parts=()
+  DIR=${VAL[lock_dir]-} MADE="" ANCESTORS=()
   [[ $DIR == none ]] && DIR="" && return 0
   if [[ -z $DIR ]]; then
     DIR=${RUNTIME_DIRECTORY-}
     DIR=${DIR%%:*}
     [[ -n $DIR ]] || DIR=${XDG_RUNTIME_DIR:-/tmp}
-    DIR=${DIR%/}/lap-pkcs11-$EUID
-    if [[ ! -e $DIR && ! -L $DIR ]]; then
-      mkdir -m 700 -- "$DIR" 2>/dev/null || [[ -d $DIR ]] \
-        || fail CONFIG_INVALID "lock directory $DIR cannot be made; set --lock-dir to a directory only this user can write"
-    fi
-  elif [[ $DIR == ?*/ ]]; then
-    DIR=${DIR%/}
+    MADE=1
   fi
-  if [[ -L $DIR || ! -d $DIR ]]; then
-    [[ -L $DIR ]] && REPLY="a symlink" || REPLY="not a directory"
-    [[ -e $DIR ]] || REPLY="missing"
-    fail CONFIG_INVALID "lock directory $DIR is $REPLY; set --lock-dir to a directory only this user can write, e.g. \$XDG_RUNTIME_DIR"
+  # "dir/" would follow a symlink named dir: the checks are of the name itself.
+  while [[ $DIR == ?*/ ]]; do DIR=${DIR%/}; done
+  if [[ -n $MADE ]]; then
+    [[ $DIR == / ]] && DIR=""
+    DIR=$DIR/lap-pkcs11-$EUID
   fi
+  path=$DIR
+  [[ $path == /* ]] || path=$PWD/$path
+  rest=${path#/}
+  while [[ -n $rest ]]; do
+    part=${rest%%/*}
+    if [[ $rest == */* ]]; then rest=${rest#*/}; else rest=""; fi
+    case $part in
+      ""|.) ;;
+      ..) ((${#parts[@]} == 0)) || unset 'parts[-1]' ;;
+      *) parts+=("$part") ;;
+    esac
+  done
+  while ((${#parts[@]})); do
+    unset 'parts[-1]'
+    printf -v path '/%s' "${parts[@]}"
+    path=${path%/}
+    ANCESTORS+=("${path:-/}")
+  done
 }
 
-# inspect_files: one stat for the PIN file, the module, the lock directory and
-# the lock files in it; then, in the order of lap_pkcs11/signer.py: the PIN
-# file, the module, the tool, the directory, the lock file.
+# inspect_files: one stat for the PIN file, the module, SOFTHSM2_CONF, the lock
+# directory, the directories above it and the lock files in it; then, in the
+# order of lap_pkcs11/signer.py: the PIN file, the module, the tool, the
+# directories above, the directory, the lock file. The lock and the guard are
+# named after the module file and the SoftHSM2 configuration file (device and
+# inode, whatever path names them; a configuration that names no file by its
+# spelling, bytes outside [A-Za-z0-9._-] as "_", 160 at most).
 inspect_files() {
-  local module=${VAL[module]} names=() fields uid mode type conf lock
+  local module=${VAL[module]} conf=${SOFTHSM2_CONF-} names=() links=() fields uid mode type
+  local name path lock
   [[ -n ${PIN_FD-} ]] && names+=("/dev/fd/$PIN_FD")
   lock_dir
-  conf=${SOFTHSM2_CONF-}
-  conf=${conf//[^A-Za-z0-9._-]/_}
-  conf=${conf:0:160}
-  [[ -n $DIR ]] && names+=("$module" "$DIR" "$DIR"/*-"$conf".lock)
+  if [[ -n $DIR ]]; then
+    names+=("$module")
+    [[ -n $conf ]] && names+=("$conf")
+    [[ -L $DIR ]] || names+=("$DIR")
+    for path in "${ANCESTORS[@]}"; do
+      if [[ -L $path ]]; then links+=("$path"); else names+=("$path"); fi
+    done
+    names+=("$DIR"/*.lock)
+  fi
   ((${#names[@]} == 0)) || stat_into "${names[@]}"
   [[ -n ${PIN_FD-} ]] && read_pin_file
   [[ -f $module ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module does not exist; fix --module"
@@ -694,21 +745,67 @@ inspect_files() {
   [[ -n $DIR ]] || return 0
   fields=${INFO[$module]-}
   [[ -n $fields ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module cannot be read; fix --module"
-  read -r _ _ _ lock _ <<< "$fields"
-  lock=$DIR/$lock-$conf.lock
-  read -r uid mode _ _ type <<< "${INFO[$DIR]-}"
-  if [[ $type != directory ]] || ((uid != EUID || 8#$mode & 8#022)); then
-    printf -v mode '%04o' $((8#${mode:-0}))
-    fail CONFIG_INVALID "lock directory $DIR is not private (owner uid ${uid:-?}, mode $mode); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
+  read -r _ _ _ name _ <<< "$fields"
+  if [[ -n $conf && -n ${INFO[$conf]-} ]]; then
+    read -r _ _ _ fields _ <<< "${INFO[$conf]}"
+    name+=-$fields
+  elif [[ -n $conf ]]; then
+    conf=${conf//[^A-Za-z0-9._-]/_}
+    name+=-${conf:0:160}
   fi
-  [[ -L $lock ]] && fail CONFIG_INVALID "lock file $lock is a symlink; remove it (only the signer's user may create files in its lock directory)"
+  check_ancestors "${links[@]}"
+  if [[ -L $DIR ]]; then
+    fail CONFIG_INVALID "lock directory $DIR is not private (a symlink); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
+  elif [[ -z ${INFO[$DIR]-} && -n $MADE ]]; then
+    if ! mkdir -m 700 -- "$DIR" 2>/dev/null; then
+      [[ -e $DIR || -L $DIR ]] \
+        || fail CONFIG_INVALID "lock directory $DIR cannot be made; set --lock-dir to a directory only this user can write"
+      stat_into "$DIR"  # made by another signer just now
+    fi
+  fi
+  if [[ -n ${INFO[$DIR]-} || -z $MADE ]]; then
+    [[ -n ${INFO[$DIR]-} ]] \
+      || fail CONFIG_INVALID "lock directory $DIR cannot be used (it does not exist); set --lock-dir to a directory only this user can write"
+    read -r uid mode _ _ type <<< "${INFO[$DIR]}"
+    if [[ $type != directory ]] || ((uid != EUID || 8#$mode & 8#022)); then
+      printf -v mode '%04o' $((8#$mode))
+      fail CONFIG_INVALID "lock directory $DIR is not private (${type/#directory/a directory}, owner uid $uid, mode $mode); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
+    fi
+  fi
+  lock=$DIR/$name.lock
+  [[ -L $lock ]] && fail CONFIG_INVALID "signer state file $lock is a symlink; remove it (only the signer's user may create files in its lock directory)"
   [[ -n ${INFO[$lock]-} ]] && check_state "$lock" "${INFO[$lock]}"
   { exec {LOCK_FD}<>"$lock"; } 2>/dev/null \
     || fail CONFIG_INVALID "lock file $lock cannot be opened; set --lock-dir to a private directory"
   [[ -f /dev/fd/$LOCK_FD && -O /dev/fd/$LOCK_FD ]] \
-    || fail CONFIG_INVALID "lock file $lock is not this user's regular file; remove it (only the signer's user may create files in its lock directory)"
-  MARKER=${lock%.lock}.pin-rejected
+    || fail CONFIG_INVALID "signer state file $lock is not this user's regular file; remove it (only the signer's user may create files in its lock directory)"
+  MARKER=$DIR/$name.pin-rejected
   SECRET_FILE=$DIR/secret
+}
+
+# check_ancestors LINKS...: every directory above the lock directory must be
+# root's or ours, and no one else may rename entries in it (not writable by
+# others, or sticky like /tmp): else the private directory could be swapped
+# between check and use. A symlink among them (LINKS, stat'ed apart: without
+# following it) is judged by its owner.
+check_ancestors() {
+  local path uid mode type record fields
+  declare -A own=()
+  if (($#)); then
+    while IFS= read -r -d '' record; do
+      own[${record#*$'\n'}]=${record%%$'\n'*}
+    done < <(exec stat --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" 2>/dev/null)
+  fi
+  for path in "${ANCESTORS[@]}"; do
+    fields=${own[$path]-${INFO[$path]-}}
+    [[ -n $fields ]] || fail CONFIG_INVALID "lock directory $path cannot be used; set --lock-dir to a directory only this user can write"
+    read -r uid mode _ _ type <<< "$fields"
+    if ((uid != 0 && uid != EUID)) \
+        || { [[ $type != "symbolic link" ]] && ((8#$mode & 8#022 && !(8#$mode & 8#1000))); }; then
+      printf -v mode '%04o' $((8#$mode))
+      fail CONFIG_INVALID "lock directory's parent $path is not safe (owner uid $uid, mode $mode); set --lock-dir to a directory whose parents only root or this user can change"
+    fi
+  done
 }
 
 # check_state PATH FIELDS [LIMIT]: a file in the private directory must be this
@@ -752,42 +849,65 @@ await_lock() {
   wait "$LOCKER" || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
 }
 
-# The PIN guard (as lap_pkcs11/signer.py's): a PIN the token rejected is
-# remembered as sha256(secret, newline, PIN) in the private directory and never
-# tried again, so a wrong PIN cannot lock a real token. Checked, recorded and
-# cleared only while the lock is held: of many concurrent callers with one
-# rejected PIN, one login reaches the token.
-pin_fingerprint() {
-  local secret=""
-  if [[ -e $SECRET_FILE || -L $SECRET_FILE ]]; then
-    check_state_files "$SECRET_FILE"
-    IFS= read -r secret < "$SECRET_FILE" || true
-  elif [[ $1 == create ]]; then
-    printf -v secret '%08x' "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM"
-    { set -C; printf '%s\n' "$secret" > "$SECRET_FILE"; } 2>/dev/null || secret=""
-    set +C
-    [[ -n $secret ]] || { check_state_files "$SECRET_FILE"; IFS= read -r secret < "$SECRET_FILE" || true; }
-  fi
-  [[ -n $secret ]] || return 1
-  read -r REPLY _ < <(printf '%s\n%s' "$secret" "${!PIN_ENV}" | sha256sum)
+# The PIN guard (as lap_pkcs11/signer.py's PinGuard): the PINs the token
+# rejected are remembered, the last GUARD_REMEMBERED, one line each of
+# sha256(secret, newline, PIN) in hex, never the PIN, in the private directory,
+# and never tried again, so a wrong PIN cannot lock a real token. Checked,
+# recorded and cleared only while the lock is held: of many concurrent callers
+# with one rejected PIN, one login reaches the token.
+
+# guard_lines PATH: the valid lines (64 hex digits) of a state file, into LINES.
+guard_lines() {
+  local line
+  LINES=()
+  [[ -e $1 || -L $1 ]] || return 0
+  check_state_files "$1"
+  while IFS= read -r line || [[ -n $line ]]; do
+    [[ $line =~ ^[0-9a-f]{64}$ ]] && LINES+=("$line")
+  done < "$1"
+  return 0
+}
+
+# guard_secret [create]: the per-user secret into SECRET; a missing or damaged
+# one is made anew when asked to.
+guard_secret() {
+  guard_lines "$SECRET_FILE"
+  SECRET=${LINES[0]-}
+  [[ -n $SECRET || -z ${1-} ]] && return 0
+  printf -v SECRET '%08x' "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM" "$SRANDOM"
+  printf '%s\n' "$SECRET" > "$SECRET_FILE"
+}
+
+# guard_fingerprint: sha256(secret, newline, PIN) into REPLY.
+guard_fingerprint() {
+  read -r REPLY _ < <(printf '%s\n%s' "$SECRET" "${!PIN_ENV}" | sha256sum)
 }
 
 check_pin_guard() {
-  [[ -n $MARKER ]] && [[ -e $MARKER || -L $MARKER ]] || return 0
-  local seen=""
-  check_state_files "$MARKER"
-  IFS= read -r seen < "$MARKER" || true
-  if pin_fingerprint check && [[ -n $seen && $seen == "$REPLY" ]]; then
-    fail PIN_INCORRECT "the token rejected this PIN before and it is not tried again, so the token cannot lock; fix the PIN (if the token's PIN was changed to it, remove $MARKER)"
-  fi
+  [[ -n $MARKER ]] || return 0
+  local seen line
+  guard_lines "$MARKER"
+  ((${#LINES[@]})) || return 0
+  seen=("${LINES[@]}")
+  guard_secret
+  [[ -n $SECRET ]] || return 0
+  guard_fingerprint
+  for line in "${seen[@]}"; do
+    [[ $line == "$REPLY" ]] && fail PIN_INCORRECT "the token rejected this PIN before and it is not tried again, so the token cannot lock; fix the PIN (if the token's PIN was changed to it, remove $MARKER)"
+  done
+  return 0
 }
 
 remember_rejected_pin() {
   [[ -n $MARKER ]] || return 0
-  check_state_files "$MARKER"
-  if pin_fingerprint create; then
-    printf '%s\n' "$REPLY" 2>/dev/null > "$MARKER" || true
-  fi
+  local line kept=()
+  guard_secret create
+  guard_fingerprint
+  guard_lines "$MARKER"
+  for line in "${LINES[@]}"; do [[ $line == "$REPLY" ]] || kept+=("$line"); done
+  kept+=("$REPLY")
+  ((${#kept[@]} <= GUARD_REMEMBERED)) || kept=("${kept[@]: -GUARD_REMEMBERED}")
+  printf '%s\n' "${kept[@]}" > "$MARKER"
 }
 
 forget_rejected_pin() {
@@ -804,10 +924,12 @@ selector_args() {
 }
 
 # run_tool OUT ARGS...: pkcs11-tool, never started with less than MIN_TOOL_MS
-# left, as setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 pkcs11-tool:
-# coreutils timeout (duration 0: never times out) leads a session and process
-# group of its own and, when we die (the parent-death signal), TERMs the whole
-# group and KILLs it a second later, a module's helper processes included.
+# left, as setsid -- timeout -s KILL SECONDS pkcs11-tool (as lap_pkcs11/tool.py):
+# coreutils timeout leads a session and process group of its own (no terminal
+# to prompt on) and KILLs that whole group, a module's helper processes
+# included, BACKSTOP_MS after kill_at. While we live we kill it ourselves at
+# kill_at; when a caller SIGKILLs us, the run is not cut inside a login (which
+# would empty SoftHSM2's token file), and still nothing outlives our kill_at.
 # OUT "base64": the tool's stdout goes through base64 (running while the tool
 # does) into SIG_FD, its stderr into the watch pipe we read here. Otherwise (a
 # listing) its stdout is the watch pipe and becomes a here-string at SIG_FD.
@@ -815,15 +937,17 @@ selector_args() {
 # gets until KILL_AT_US to finish (a login half-written would destroy a
 # SoftHSM2 token), then its group is killed. Sets STATUS and ERR_TEXT.
 run_tool() {
-  local out=$1 encoder="" watch line rc now next text="" listing="" gone=""
+  local out=$1 encoder="" watch line rc now next text="" listing="" gone="" backstop
   shift
   tool_time_left || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms for pkcs11-tool, so it was not started; raise --timeout-ms"
+  backstop=$((KILL_AT_US - ${EPOCHREALTIME/./} + BACKSTOP_MS * 1000))
+  printf -v backstop '%d.%03d' $((backstop / 1000000)) $((backstop / 1000 % 1000))
   if [[ $out == base64 ]]; then
     exec {out}> >(exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-; exec base64 -w0 > "/dev/fd/$SIG_FD")
     encoder=$!
     exec {watch}< <(
       exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-      exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2>&1 >&"$out"
+      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 >&"$out"
     )
     TOOL_PID=$!
     exec {out}>&-
@@ -831,7 +955,7 @@ run_tool() {
     listing=1
     exec {watch}< <(
       exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-      exec setpriv --pdeathsig TERM -- setsid -- timeout -k 1 0 "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
+      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
     )
     TOOL_PID=$!
   fi
@@ -851,6 +975,8 @@ run_tool() {
     seconds "$next"
     rc=0 line=""
     IFS= read -r -t "$REPLY" -u "$watch" line || rc=$?
+    # Read on to the end, keep at most OUTPUT_LIMIT bytes of it.
+    ((${#text} > OUTPUT_LIMIT)) && line=""
     if ((rc == 0)); then text+=$line$'\n'; continue; fi
     text+=$line
     ((rc == 1)) && break
@@ -870,7 +996,7 @@ run_tool() {
   [[ -z $encoder ]] || wait "$encoder" || true
   if [[ -n $listing ]]; then
     ERR_TEXT=""
-    IFS= read -r -d '' -N 65536 ERR_TEXT < "/dev/fd/$ERR_FD" || true
+    IFS= read -r -d '' -N "$OUTPUT_LIMIT" ERR_TEXT < "/dev/fd/$ERR_FD" || true
     exec {SIG_FD}<<< "$text"
   else
     ERR_TEXT=$text
@@ -1071,9 +1197,12 @@ write_signature() {
 }
 
 main() {
-  trap 'on_signal INT' INT
-  trap 'on_signal TERM' TERM
-  trap 'on_signal HUP' HUP
+  local name
+  for name in "${SIGNALS[@]}"; do
+    # shellcheck disable=SC2064 # the name is fixed now
+    trap "on_signal $name" "$name"
+  done
+  started_at
   close_stray_fds
   check_stdio
   umask 077
