@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -210,16 +211,46 @@ class Foreign:
 
     As root, ``plant`` writes the file (``plant_dir`` makes the directory) and gives it to
     nobody. An ordinary user cannot give a file away: ``plant`` then leaves our own empty
-    file (or directory) there, and ``wrap`` runs the signer in a user and mount namespace in
-    which a root-owned file (directory), which shows there as nobody's, is bind-mounted
-    over it. Either way the signer sees uid 65534 there, and runs with euid ``EUID``.
+    file (or directory) there, and ``wrap`` runs the signer in a user and mount namespace
+    where a root-owned file (directory), which shows there as nobody's, is bind-mounted
+    over it. In such a namespace every directory of root's shows as nobody's too, and the
+    signer rightly refuses a lock directory below one: so it runs there chrooted into a
+    fresh root of our own that holds the same paths (``home``, the checkout, the venv,
+    bound in from outside; the rest of / bound as it is). Either way the signer sees
+    uid 65534 at each planted path, and runs with euid ``EUID``.
     """
 
     ROOT_OWNED = "/etc/os-release"  # valid KEY=VALUE lines: only the owner is wrong
     ROOT_OWNED_DIR = "/usr"
     EUID = 0  # root, or root in the namespace
+    _SCRIPT = r"""
+root=$1 home=$2
+shift 2
+mount -t tmpfs -o mode=755 lap-root "$root" || exit 125
+top=${home#/}
+top=/${top%%/*}
+for entry in /*; do
+  if [ "$entry" = "$top" ]; then mkdir "$root$entry"
+  elif [ -L "$entry" ]; then ln -s "$(readlink "$entry")" "$root$entry"
+  elif [ -d "$entry" ]; then mkdir "$root$entry" && mount --rbind "$entry" "$root$entry"
+  fi
+done
+while [ "$1" != -- ]; do
+  case $1 in "$top"/*) mkdir -p "$root$1" && mount --rbind "$1" "$root$1" ;; esac
+  shift
+done
+shift
+while [ "$1" != -- ]; do
+  mount --bind "$1" "$root$2" || exit 125
+  shift 2
+done
+shift
+chroot=$(PATH=/usr/sbin:/sbin:$PATH command -v chroot) || exit 125
+exec "$chroot" "$root" sh -c 'cd "$1" && shift && exec "$@"' sh "$home" "$@"
+"""
 
-    def __init__(self):
+    def __init__(self, home):
+        self.home = Path(home)
         self.mounts = []
 
     def plant(self, path, content=b""):
@@ -244,8 +275,24 @@ class Foreign:
     def wrap(self, signer):
         if not self.mounts:
             return signer
-        script = " && ".join(f'mount --bind "${i + 1}" "${i + 2}"'
-                             for i in range(0, len(self.mounts), 2))
-        prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                  f'{script} && shift {len(self.mounts)} && exec "$@"', "sh", *self.mounts]
-        return Signer(signer.name, [*prefix, *signer.argv])
+        keep = sorted({str(self.home), str(ROOT), sys.prefix, sys.base_prefix})
+        return _Chrooted(signer.name, signer.argv,
+                         [*keep, "--", *self.mounts, "--"], str(self.home))
+
+
+class _Chrooted(Signer):
+    """A Signer run by Foreign's namespace script in a root of its own (made for each run)."""
+
+    def __init__(self, name, argv, mounts, home):
+        super().__init__(name, argv)
+        self.mounts = mounts
+        self.home = home
+
+    def __call__(self, args, data=b"", env=None, cwd=None, timeout=60, stdin=None):
+        root = tempfile.mkdtemp(prefix="lap-root-")
+        try:
+            prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                      Foreign._SCRIPT, "sh", root, self.home, *self.mounts]
+            return Signer(self.name, [*prefix, *self.argv])(args, data, env, cwd, timeout, stdin)
+        finally:
+            os.rmdir(root)

@@ -453,7 +453,7 @@ def test_a_named_file_that_is_not_a_regular_file_is_refused_at_once(signer, keye
 def test_another_users_env_file_is_refused(signer, keyed):
     """Before: obeyed, whoever owned it (LAP_PKCS11_TOOL from another user ran with the PIN)."""
     token, _ = keyed
-    foreign = Foreign()
+    foreign = Foreign(token.home)
     env_file = foreign.plant(token.home / "theirs.env",
                              f"LAP_PKCS11_TOOL={FAKE_TOOL}\n".encode())
     result = foreign.wrap(signer)([*token.args(), "--env-file", str(env_file)], MESSAGE,
@@ -580,7 +580,7 @@ def test_a_planted_default_lock_directory_is_refused(signer, keyed, how):
     elif how == "symlink":
         planted.symlink_to(state_dir(token))
     else:
-        foreign = Foreign()
+        foreign = Foreign(token.home)
         planted = foreign.plant_dir(base / f"lap-pkcs11-{Foreign.EUID}")
         argv = foreign.wrap(signer)
     result = argv(token.args(), MESSAGE, env=dict(token.env, XDG_RUNTIME_DIR=str(base)),
@@ -634,7 +634,7 @@ def test_a_foreign_marker_is_refused_not_obeyed(signer, keyed):
     folder = state_dir(token)
     args, _, marker = lock_and_marker(signer, token, folder)
     marker.unlink()
-    foreign = Foreign()
+    foreign = Foreign(token.home)
     foreign.plant(marker, b"0" * 64 + b"\n")
     result = foreign.wrap(signer)(args, MESSAGE, env=token.env, cwd=token.home)
     assert_failure(result, "CONFIG_INVALID", 64)
@@ -646,7 +646,7 @@ def test_a_foreign_secret_is_never_used_or_written_through(signer, keyed):
     could be brute-forced from its hash."""
     token, _ = keyed
     folder = state_dir(token)
-    foreign = Foreign()
+    foreign = Foreign(token.home)
     secret = foreign.plant(folder / "secret", b"ab" * 32 + b"\n")
     before = secret.read_bytes()
     result = foreign.wrap(signer)([*token.args(), "--lock-dir", str(folder)], MESSAGE,
