@@ -147,9 +147,10 @@ usage() {
 # caller's deadline runs from before we started, and under load bash's own start
 # takes a while. As lap_pkcs11/process.py's started_at; 10 ms resolution.
 started_at() {
-  local stat up ticks now=${EPOCHREALTIME/./} fields
+  local stat up ticks now=${EPOCHREALTIME/./} fields=()
   { IFS= read -r stat < /proc/self/stat && read -r up _ < /proc/uptime; } 2>/dev/null || return 0
-  read -r -a fields <<< "${stat##*) }"
+  # shellcheck disable=SC2206 # numbers and one letter: no globbing
+  fields=(${stat##*) })
   ticks=${fields[19]-}
   [[ $ticks =~ ^[0-9]+$ && $up =~ ^([0-9]+)\.([0-9]{2})$ ]] || return 0
   local age=$(((10#${BASH_REMATCH[1]} * 100 + 10#${BASH_REMATCH[2]} - ticks) * 10000))
@@ -228,6 +229,16 @@ stat_into() {
   done < <(exec stat -L --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" 2>/dev/null)
 }
 
+# fields TEXT: a stat_into record, "uid mode size dev-ino type", into F_UID,
+# F_MODE, F_SIZE, F_ID and F_TYPE (no here-string: this runs on every call).
+fields() {
+  local text=$1
+  F_UID=${text%% *} text=${text#* }
+  F_MODE=${text%% *} text=${text#* }
+  F_SIZE=${text%% *} text=${text#* }
+  F_ID=${text%% *} F_TYPE=${text#* }
+}
+
 # open_named PATH WHAT LIMIT SECRET: open a file the operator named (env file,
 # PIN file) into REPLY. Never a FIFO or device: it is tested to be a regular file
 # before it is opened and again through the descriptor; the owner and mode are
@@ -247,8 +258,9 @@ open_named() {
 # also unreadable by others), at most LIMIT bytes.
 check_named() {
   local path=$1 what=$2 limit=$3 secret=$4 uid mode size loose=8#022
-  read -r uid mode size _ <<< "$5"
-  [[ -n $size ]] || fail CONFIG_INVALID "$what $path cannot be read; fix the path or its permissions"
+  fields "$5"
+  uid=$F_UID mode=$F_MODE size=$F_SIZE
+  [[ -n $5 ]] || fail CONFIG_INVALID "$what $path cannot be read; fix the path or its permissions"
   ((uid == EUID || uid == 0)) \
     || fail CONFIG_INVALID "$what $path belongs to uid $uid, not to this user or root; chown it to the signer's user or root"
   [[ -n $secret ]] && loose=8#027
@@ -523,35 +535,33 @@ stdin_error() {
   [[ -z $message ]] || fail INPUT_INVALID "stdin cannot be read"
 }
 
-# The stdin alarm: a pipe's writer may trickle and never close, and bash's
-# read -t costs a select() per byte. So stdin is read without -t, and a helper
-# (dying with us) sends SIGURG (whose default is to be ignored, and which no
-# caller sends) at the deadline, and again every 50 ms (bash runs a trap when a
-# read is interrupted, and a signal may come between two reads); on_alarm turns
-# it into TIMEOUT.
 start_stdin_alarm() {
-  local left=$((DEADLINE_US - ${EPOCHREALTIME/./}))
-  ((left > 0)) || fail TIMEOUT "the deadline passed before stdin was read; raise --timeout-ms"
   IN_STDIN=1
-  [[ -f /dev/fd/0 ]] && return 0  # a regular file never keeps a read waiting
-  seconds "$left"
-  trap on_alarm URG
-  # shellcheck disable=SC2016 # sh expands them
-  setpriv --pdeathsig KILL -- sh -c \
-    'setpriv --pdeathsig KILL -- sleep "$1" && while kill -URG "$2"; do sleep 0.05; done' \
-    sh "$REPLY" "$$" </dev/null >/dev/null 2>&1 {STDERR}>&- &
-  ALARM=$!
+}
+
+# our_parent: whether this subshell's parent is still the signer.
+our_parent() {
+  local stat
+  IFS= read -r stat < "/proc/$BASHPID/stat" || return 1
+  stat=${stat##*) }
+  stat=${stat#* }
+  [[ ${stat%% *} == "$$" ]]
 }
 
 stop_stdin_alarm() {
   IN_STDIN=""
-  [[ -n ${ALARM-} ]] || return 0
-  kill "$ALARM" 2>/dev/null || true
+}
+
+# stop_helper: the alarm is not needed any more (the helper's stat is read).
+stop_helper() {
+  [[ -n ${HELPER-} ]] || return 0
+  kill "$HELPER" 2>/dev/null || true
   trap - URG  # SIGURG's default: ignored
 }
 
 # The message on stdin into the scratch pipe MSG_FD, under the deadline.
 read_message() {
+  ((DEADLINE_US > ${EPOCHREALTIME/./})) || fail TIMEOUT "the deadline passed before stdin was read; raise --timeout-ms"
   start_stdin_alarm
   if [[ ${VAL[input]} == raw ]]; then read_raw; else read_base64; fi
   stop_stdin_alarm
@@ -633,7 +643,7 @@ read_base64() {
 }
 
 # The child environment: env file variables under the real environment, PIN set.
-# A PIN file is opened here and checked and read in inspect_files.
+# A PIN file is opened here (or was, in begin_inspect), checked and read in inspect_files.
 prepare_environment() {
   local name
   for name in "${!FILE_ENV[@]}"; do
@@ -644,8 +654,10 @@ prepare_environment() {
   if [[ -v VAL[pin_file] ]]; then
     [[ ${SRC[pin_env]} == default ]] || fail CONFIG_INVALID "both --pin-file and --pin-env are set; keep only one"
     [[ -n ${!PIN_ENV-} ]] && fail CONFIG_INVALID "the PIN is given twice: in $PIN_ENV and in --pin-file; remove one"
-    open_named "${VAL[pin_file]}" "PIN file"
-    PIN_FD=$REPLY
+    if [[ -z ${PIN_FD-} ]]; then
+      open_named "${VAL[pin_file]}" "PIN file"
+      PIN_FD=$REPLY
+    fi
     return 0
   fi
   [[ -v $PIN_ENV ]] || fail PIN_MISSING "no PIN: set $PIN_ENV or give --pin-file"
@@ -717,43 +729,100 @@ lock_dir() {
   done
 }
 
-# inspect_files: one stat for the PIN file, the module, SOFTHSM2_CONF, the lock
-# directory, the directories above it and the lock files in it; then, in the
-# order of lap_pkcs11/signer.py: the PIN file, the module, the tool, the
-# directories above, the directory, the lock file. The lock and the guard are
-# named after the module file and the SoftHSM2 configuration file (device and
-# inode, whatever path names them; a configuration that names no file by its
-# spelling, bytes outside [A-Za-z0-9._-] as "_", 160 at most).
-inspect_files() {
-  local module=${VAL[module]} conf=${SOFTHSM2_CONF-} names=() links=() fields uid mode type
-  local name path lock
-  [[ -n ${PIN_FD-} ]] && names+=("/dev/fd/$PIN_FD")
+# begin_inspect: one stat, started before stdin is read (it runs while we
+# read), for the PIN file (opened now when it is a regular file; any problem
+# with it is prepare_environment's to report), the module, SOFTHSM2_CONF, the
+# lock directory, the directories above it and the lock files in it. The
+# helper subshell that runs it is also the stdin alarm (start_helper).
+begin_inspect() {
+  local names=() path pin=${VAL[pin_file]-}
+  if [[ -n $pin && -f $pin ]] && { exec {PIN_FD}<"$pin"; } 2>/dev/null; then
+    if [[ -f /dev/fd/$PIN_FD ]]; then names+=("/dev/fd/$PIN_FD"); else exec {PIN_FD}<&-; unset PIN_FD; fi
+  fi
+  # pkcs11-tool's SOFTHSM2_CONF: the real environment's, else the env file's.
+  CONF=${SOFTHSM2_CONF-${FILE_ENV[SOFTHSM2_CONF]-}} LINKS=()
   lock_dir
   if [[ -n $DIR ]]; then
-    names+=("$module")
-    [[ -n $conf ]] && names+=("$conf")
+    names+=("${VAL[module]}")
+    [[ -n $CONF ]] && names+=("$CONF")
     [[ -L $DIR ]] || names+=("$DIR")
     for path in "${ANCESTORS[@]}"; do
-      if [[ -L $path ]]; then links+=("$path"); else names+=("$path"); fi
+      if [[ -L $path ]]; then LINKS+=("$path"); else names+=("$path"); fi
     done
     names+=("$DIR"/*.lock)
   fi
-  ((${#names[@]} == 0)) || stat_into "${names[@]}"
-  [[ -n ${PIN_FD-} ]] && read_pin_file
+  start_helper "${names[@]}"
+}
+
+# start_helper NAMES...: one subshell (one fork, no program of its own) that
+# stats NAMES into the pipe STAT_FD and then is the stdin alarm: a pipe's writer
+# may trickle and never close, and bash's read -t costs a select() per byte, so
+# stdin is read without -t and the helper sends SIGURG (whose default is to be
+# ignored, and which no caller sends) at the deadline, and again every 50 ms
+# (bash runs a trap when a read is interrupted, and a signal may come between
+# two reads); on_alarm turns it into TIMEOUT. It waits in read -t on the
+# signature pipe, which it holds open for writing itself, and it never signals
+# a process that is no longer its parent (we were killed: our pid is free).
+start_helper() {
+  local left=$((DEADLINE_US - ${EPOCHREALTIME/./})) alarm="" statw held
+  ((left > 0)) || fail TIMEOUT "the deadline passed before stdin was read; raise --timeout-ms"
+  [[ -f /dev/fd/0 ]] || alarm=1  # a regular file never keeps a read waiting
+  (($#)) || [[ -n $alarm ]] || return 0
+  if (($#)); then
+    exec {STAT_FD}<<< ""
+    read -r -u "$STAT_FD" _
+    exec {statw}> "/dev/fd/$STAT_FD"  # a writer from now on: no early end of file
+  fi
+  seconds "$left"
+  [[ -z $alarm ]] || trap on_alarm URG
+  (
+    exec </dev/null >/dev/null 2>&1 {STDERR}>&-
+    if (($#)); then
+      stat -L --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" >&"$statw" || true
+      exec {statw}>&-
+    fi
+    [[ -n $alarm ]] || exit 0
+    # shellcheck disable=SC2034 # held open, never used
+    exec {held}> "/dev/fd/$SIG_FD"
+    read -r -t "$REPLY" -u "$SIG_FD" || true
+    while our_parent && kill -URG "$$"; do read -r -t 0.05 -u "$SIG_FD" || true; done
+  ) &
+  [[ -z $alarm ]] || HELPER=$!
+  [[ -z ${statw-} ]] || exec {statw}>&-
+}
+
+# inspect_files: begin_inspect's answers, checked in the order of
+# lap_pkcs11/signer.py: the PIN file, the module, the tool, the directories
+# above the lock directory, the directory, the lock file. The lock and the
+# guard are named after the module file and the SoftHSM2 configuration file
+# (device and inode, whatever path names them; a configuration that names no
+# file by its spelling, bytes outside [A-Za-z0-9._-] as "_", 160 at most).
+inspect_files() {
+  local module=${VAL[module]} conf=$CONF record name lock mode
+  if [[ -v STAT_FD ]]; then
+    while IFS= read -r -d '' record; do
+      INFO[${record#*$'\n'}]=${record%%$'\n'*}
+    done <&"$STAT_FD"
+    exec {STAT_FD}<&-
+  fi
+  if [[ -n ${PIN_FD-} ]]; then
+    [[ -v INFO[/dev/fd/$PIN_FD] ]] || stat_into "/dev/fd/$PIN_FD"  # opened only just now
+    read_pin_file
+  fi
   [[ -f $module ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module does not exist; fix --module"
   find_tool
   [[ -n $DIR ]] || return 0
-  fields=${INFO[$module]-}
-  [[ -n $fields ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module cannot be read; fix --module"
-  read -r _ _ _ name _ <<< "$fields"
+  [[ -n ${INFO[$module]-} ]] || fail MODULE_LOAD_FAILED "PKCS#11 module $module cannot be read; fix --module"
+  fields "${INFO[$module]}"
+  name=$F_ID
   if [[ -n $conf && -n ${INFO[$conf]-} ]]; then
-    read -r _ _ _ fields _ <<< "${INFO[$conf]}"
-    name+=-$fields
+    fields "${INFO[$conf]}"
+    name+=-$F_ID
   elif [[ -n $conf ]]; then
     conf=${conf//[^A-Za-z0-9._-]/_}
     name+=-${conf:0:160}
   fi
-  check_ancestors "${links[@]}"
+  check_ancestors "${LINKS[@]}"
   if [[ -L $DIR ]]; then
     fail CONFIG_INVALID "lock directory $DIR is not private (a symlink); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
   elif [[ -z ${INFO[$DIR]-} && -n $MADE ]]; then
@@ -766,10 +835,10 @@ inspect_files() {
   if [[ -n ${INFO[$DIR]-} || -z $MADE ]]; then
     [[ -n ${INFO[$DIR]-} ]] \
       || fail CONFIG_INVALID "lock directory $DIR cannot be used (it does not exist); set --lock-dir to a directory only this user can write"
-    read -r uid mode _ _ type <<< "${INFO[$DIR]}"
-    if [[ $type != directory ]] || ((uid != EUID || 8#$mode & 8#022)); then
-      printf -v mode '%04o' $((8#$mode))
-      fail CONFIG_INVALID "lock directory $DIR is not private (${type/#directory/a directory}, owner uid $uid, mode $mode); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
+    fields "${INFO[$DIR]}"
+    if [[ $F_TYPE != directory ]] || ((F_UID != EUID || 8#$F_MODE & 8#022)); then
+      printf -v mode '%04o' $((8#$F_MODE))
+      fail CONFIG_INVALID "lock directory $DIR is not private (${F_TYPE/#directory/a directory}, owner uid $F_UID, mode $mode); use a directory only you can write, e.g. --lock-dir \$XDG_RUNTIME_DIR"
     fi
   fi
   lock=$DIR/$name.lock
@@ -789,7 +858,7 @@ inspect_files() {
 # between check and use. A symlink among them (LINKS, stat'ed apart: without
 # following it) is judged by its owner.
 check_ancestors() {
-  local path uid mode type record fields
+  local path uid mode type record
   declare -A own=()
   if (($#)); then
     while IFS= read -r -d '' record; do
@@ -797,9 +866,10 @@ check_ancestors() {
     done < <(exec stat --printf '%u %a %s %d-%i %F\n%n\0' -- "$@" 2>/dev/null)
   fi
   for path in "${ANCESTORS[@]}"; do
-    fields=${own[$path]-${INFO[$path]-}}
-    [[ -n $fields ]] || fail CONFIG_INVALID "lock directory $path cannot be used; set --lock-dir to a directory only this user can write"
-    read -r uid mode _ _ type <<< "$fields"
+    record=${own[$path]-${INFO[$path]-}}
+    [[ -n $record ]] || fail CONFIG_INVALID "lock directory $path cannot be used; set --lock-dir to a directory only this user can write"
+    fields "$record"
+    uid=$F_UID mode=$F_MODE type=$F_TYPE
     if ((uid != 0 && uid != EUID)) \
         || { [[ $type != "symbolic link" ]] && ((8#$mode & 8#022 && !(8#$mode & 8#1000))); }; then
       printf -v mode '%04o' $((8#$mode))
@@ -812,7 +882,8 @@ check_ancestors() {
 # user's regular file that no one else may read or write (and at most LIMIT bytes).
 check_state() {
   local uid mode size type problem=""
-  read -r uid mode size _ type <<< "$2"
+  fields "$2"
+  uid=$F_UID mode=$F_MODE size=$F_SIZE type=$F_TYPE
   if [[ $type != "regular file" && $type != "regular empty file" ]]; then problem="is not a regular file (${type:-unknown})"
   elif ((uid != EUID)); then problem="belongs to uid $uid"
   elif ((8#$mode & 8#077)); then printf -v mode '%04o' $((8#$mode)); problem="has mode $mode"
@@ -833,14 +904,15 @@ check_state_files() {
   for path in "${found[@]}"; do check_state "$path" "${stated[$path]-}" "$STATE_FILE_LIMIT"; done
 }
 
-# start_lock: wait for the lock in the background (flock under setpriv, so it
-# dies with us) until MIN_TOOL_MS before the deadline; await_lock collects it.
+# start_lock: wait for the lock in the background until MIN_TOOL_MS before the
+# deadline; await_lock collects it. (Should we die meanwhile, flock gets the lock
+# later, exits and so lets it go: nothing holds it for us.)
 start_lock() {
   [[ -v LOCK_FD ]] || return 0
   local left=$((DEADLINE_US - ${EPOCHREALTIME/./} - MIN_TOOL_MS * 1000))
   ((left > 0)) || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms to lock the token and run pkcs11-tool, so it was not started; raise --timeout-ms"
   seconds "$left"
-  setpriv --pdeathsig KILL -- flock -w "$REPLY" "$LOCK_FD" 2>/dev/null {STDERR}>&- &
+  flock -w "$REPLY" "$LOCK_FD" </dev/null 2>/dev/null {STDERR}>&- &
   LOCKER=$!
 }
 
@@ -937,20 +1009,20 @@ selector_args() {
 # gets until KILL_AT_US to finish (a login half-written would destroy a
 # SoftHSM2 token), then its group is killed. Sets STATUS and ERR_TEXT.
 run_tool() {
-  local out=$1 encoder="" watch line rc now next text="" listing="" gone="" backstop
+  local out=$1 watch line rc now next text="" listing="" gone="" backstop
   shift
   tool_time_left || fail TIMEOUT "the deadline left less than $MIN_TOOL_MS ms for pkcs11-tool, so it was not started; raise --timeout-ms"
   backstop=$((KILL_AT_US - ${EPOCHREALTIME/./} + BACKSTOP_MS * 1000))
   printf -v backstop '%d.%03d' $((backstop / 1000000)) $((backstop / 1000 % 1000))
   if [[ $out == base64 ]]; then
-    exec {out}> >(exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-; exec base64 -w0 > "/dev/fd/$SIG_FD")
-    encoder=$!
+    # base64 (started by the subshell that becomes the tool chain, not by us)
+    # reads the tool's stdout; the signature pipe ends when it exits.
     exec {watch}< <(
       exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 >&"$out"
+      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 \
+        > >(exec base64 -w0 > "/dev/fd/$SIG_FD" 2>/dev/null)
     )
     TOOL_PID=$!
-    exec {out}>&-
   else
     listing=1
     exec {watch}< <(
@@ -993,7 +1065,6 @@ run_tool() {
   kill -KILL -- "-$TOOL_PID" 2>/dev/null || true
   TOOL_PID=""
   exec {watch}<&-
-  [[ -z $encoder ]] || wait "$encoder" || true
   if [[ -n $listing ]]; then
     ERR_TEXT=""
     IFS= read -r -d '' -N "$OUTPUT_LIMIT" ERR_TEXT < "/dev/fd/$ERR_FD" || true
@@ -1214,15 +1285,17 @@ main() {
   if [[ -v VAL[expect_public_key] ]] && ! type -P openssl >/dev/null; then
     fail CONFIG_INVALID "a public key is pinned but openssl is not installed; apt-get install openssl"
   fi
-  if ! type -P setpriv setsid flock >/dev/null; then
-    fail TOOL_NOT_FOUND "setpriv, setsid or flock (util-linux) is missing; install util-linux"
+  if ! type -P setsid flock >/dev/null; then
+    fail TOOL_NOT_FOUND "setsid or flock (util-linux) is missing; install util-linux"
   fi
   type -P timeout stat >/dev/null || fail TOOL_NOT_FOUND "timeout or stat (coreutils) is missing; install coreutils"
   open_scratch_files
   SIG_SCRATCH=$SIG_FD
+  begin_inspect
   read_message
   prepare_environment
   inspect_files
+  stop_helper
   start_lock
   [[ -z ${DECODER-} ]] || wait "$DECODER" || fail INPUT_INVALID "stdin could not be decoded as base64"
   await_lock
