@@ -1019,7 +1019,7 @@ run_tool() {
     # reads the tool's stdout; the signature pipe ends when it exits.
     exec {watch}< <(
       exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 \
+      exec setsid -- "$TIMEOUT_TOOL" -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 \
         > >(exec base64 -w0 > "/dev/fd/$SIG_FD" 2>/dev/null)
     )
     TOOL_PID=$!
@@ -1027,7 +1027,7 @@ run_tool() {
     listing=1
     exec {watch}< <(
       exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
-      exec setsid -- timeout -s KILL "$backstop" "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
+      exec setsid -- "$TIMEOUT_TOOL" -s KILL "$backstop" "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
     )
     TOOL_PID=$!
   fi
@@ -1288,7 +1288,12 @@ main() {
   if ! type -P setsid flock >/dev/null; then
     fail TOOL_NOT_FOUND "setsid or flock (util-linux) is missing; install util-linux"
   fi
-  type -P timeout stat >/dev/null || fail TOOL_NOT_FOUND "timeout or stat (coreutils) is missing; install coreutils"
+  # coreutils' timeout at a fixed place, as lap_pkcs11/tool.py finds it (not on PATH).
+  if [[ -x /usr/bin/timeout ]]; then TIMEOUT_TOOL=/usr/bin/timeout
+  elif [[ -x /bin/timeout ]]; then TIMEOUT_TOOL=/bin/timeout
+  else fail TOOL_NOT_FOUND "timeout (coreutils) is missing; install it"
+  fi
+  type -P stat >/dev/null || fail TOOL_NOT_FOUND "stat (coreutils) is missing; install coreutils"
   open_scratch_files
   SIG_SCRATCH=$SIG_FD
   begin_inspect

@@ -330,6 +330,22 @@ def test_the_tool_runs_with_no_core_dumps(signer, keyed):
     assert recorded(report, "signer_core") == ["0/0"]
 
 
+def test_the_tool_chain_takes_timeout_from_coreutils_not_from_path(signer, keyed):
+    """The program that may kill pkcs11-tool's group is /usr/bin/timeout, whatever PATH says."""
+    token, public = keyed
+    bin_dir = token.home / "bin"
+    bin_dir.mkdir()
+    marker = token.home / "impostor-ran"
+    impostor = bin_dir / "timeout"
+    impostor.write_text(f'#!/bin/sh\ntouch {marker}\nexec /usr/bin/timeout "$@"\n')
+    impostor.chmod(0o755)
+    env = dict(token.env, PATH=f"{bin_dir}:{token.env['PATH']}")
+    result = signer(token.args(), MESSAGE, env=env, cwd=token.home)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+    assert not marker.exists(), "a timeout from PATH ran pkcs11-tool"
+
+
 def test_one_lock_per_module_file_whatever_path_names_it(signer, keyed):
     """32 concurrent signs, half through a symlink to the module. Before: two locks, two
     pkcs11-tool runs at once on one token, and TOKEN_NOT_FOUND."""

@@ -45,8 +45,10 @@ def test_both_implementations_share_one_lock(keyed):
                                             env=token.env, cwd=token.home), signers))
     assert [r.returncode for r in results] == [0] * len(signers)
     assert len({r.stdout for r in results}) == 1
-    locks = list((token.home / "run").iterdir())
-    assert len(locks) == 1 and locks[0].name.startswith("lap-pkcs11-")
+    (state,) = (token.home / "run").iterdir()
+    assert state.name == f"lap-pkcs11-{os.geteuid()}"
+    locks = [path.name for path in state.iterdir()]
+    assert len(locks) == 1 and locks[0].endswith(".lock"), locks
 
 
 def test_shell_pinned_key_without_openssl_is_config_invalid(keyed, tmp_path):
@@ -70,6 +72,7 @@ def test_pin_and_env_file_bytes_that_are_not_utf8_behave_alike(keyed):
     token, _ = keyed
     pin_file = token.home / "pin"
     pin_file.write_bytes(b"\xff\xfe-not-the-pin\n")
+    pin_file.chmod(0o600)  # a PIN file others may read is refused
     env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
     codes = set()
     for make in IMPLEMENTATIONS.values():
