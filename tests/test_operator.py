@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import FAKE_TOOL, ROOT, USER_PIN, gateway_decode, verify
+from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, gateway_decode, pkcs11_tool, verify
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 SEED = bytes(range(32))
@@ -142,6 +142,27 @@ def test_keygen_refuses_a_taken_id_or_label_and_changes_nothing(keyed, key_id, l
     assert listing(token) == before
 
 
+@pytest.mark.parametrize("listing", [
+    "Private Key Object; EC_EDWARDS\n  label:      x\n  ID:         1 (0x02)\n",
+    "Private Key Object; EC_EDWARDS\n  label:      x\n  Usage:      sign\n",
+    "Private Key Object; EC_EDWARDS\n  Key label:  lap-key\n  ID:         07\n",
+    "Private key 07 'lap-key'\n",
+], ids=["inconsistent id", "no id", "unknown field", "unknown line"])
+def test_keygen_fails_closed_on_a_listing_it_cannot_read(token, listing):
+    """Nothing is generated unless the listing proves the id and label free."""
+    (token.home / "listing").write_text(listing)
+    record = token.home / "record"
+    env = dict(token.env, FAKE_MODE="listing", FAKE_LISTING=str(token.home / "listing"),
+               FAKE_RECORD=str(record))
+    result = lap(token, "keygen", "--module", token.module, "--token-label", token.label,
+                 "--key-id", "01", "--key-label", "lap-key", "--pkcs11-tool", str(FAKE_TOOL),
+                 env=env)
+    assert_error(result, "KEY_EXISTS", 73)
+    assert "cannot prove" in result.stderr.decode()
+    assert "arg=--list-objects" in record.read_text()
+    assert "--keypairgen" not in record.read_text()
+
+
 def test_keygen_needs_id_and_label(token):
     result = lap(token, "keygen", "--module", token.module, "--key-id", "01")
     assert_error(result, "CONFIG_INVALID", 64)
@@ -165,6 +186,19 @@ def test_doctor_passes_on_a_good_token(keyed):
     assert report["signing_latency_ms"] > 0
     human = lap(token, "doctor", *token.args())
     assert human.returncode == 0 and b"PASS  test signature verifies" in human.stdout
+
+
+def test_doctor_reports_the_configured_tools_version(keyed):
+    """The version of the pkcs11-tool in use (from the opensc-tool beside it), not PATH's."""
+    token, _ = keyed
+    tool = Path(pkcs11_tool()).resolve()
+    version = subprocess.run([tool.parent / "opensc-tool", "--info"], capture_output=True,
+                             text=True, check=True).stdout.split("[")[0].strip()
+    _, report = doctor(token, *token.args(), "--pkcs11-tool", str(tool))
+    assert report["checks"][0]["detail"] == f"{tool} ({version})"
+    _, report = doctor(token, *token.args(), "--pkcs11-tool", str(FAKE_TOOL),
+                       env=dict(token.env, FAKE_MODE="passthrough"))
+    assert report["checks"][0]["detail"].endswith("(version unknown: no opensc-tool beside it)")
 
 
 @pytest.mark.parametrize("case, failing, code", [
@@ -238,6 +272,9 @@ def test_config_shows_sources_and_never_the_pin(keyed):
 def test_dev_softhsm_then_sign(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAP_", "PKCS11", "SOFTHSM"))}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    env["VENV"] = str(Path(sys.executable).parent.parent)  # the script's lap-pkcs11 is this one
+    if TEST_TOOL:
+        env["LAP_PKCS11_TOOL"] = pkcs11_tool()
     script = ROOT / "scripts" / "dev-softhsm.sh"
     first = subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True,
                            text=True, check=True)
@@ -248,6 +285,7 @@ def test_dev_softhsm_then_sign(tmp_path):
     assert oct(signer_env.stat().st_mode & 0o777) == "0o600"
     subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True, check=True)
     assert pinned in signer_env.read_text()  # a second run keeps the token and the key
+    assert (f"LAP_PKCS11_TOOL={pkcs11_tool()}" in signer_env.read_text()) == bool(TEST_TOOL)
     message = b"dev message"
     result = subprocess.run([LAP, "sign", "--env-file", signer_env], input=message, env=env,
                             cwd=tmp_path, capture_output=True)

@@ -224,6 +224,23 @@ def test_gateway_without_input_base64_is_config_invalid(signer, keyed, marker):
     assert explicit.returncode == 0, explicit.stderr
 
 
+@pytest.mark.parametrize("how", ["--key-id", "--key-label"])
+def test_uninitialised_slot_is_token_not_found(signer, keyed, how):
+    """SoftHSM2 always offers one slot without a token; signing there is not SIGNING_FAILED."""
+    token, _ = keyed
+    key = ["--key-id", "01"] if how == "--key-id" else ["--key-label", "lap-key"]
+    args = ["--module", token.module, "--slot-index", "1", *key]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "TOKEN_NOT_FOUND", 69)
+
+
+@pytest.mark.parametrize("key_type, key_id", [("rsa:1024", "05"), ("EC:prime256v1", "06")])
+def test_a_key_that_is_not_ed25519_is_mechanism_unsupported(signer, token, key_type, key_id):
+    """0.26+ check the key before EdDSA signing; 0.23 fails in the token. Same name for both."""
+    token.tool("--keypairgen", "--key-type", key_type, "--id", key_id, "--label", key_type)
+    assert_failure(signer(token.args(key_id), MESSAGE, env=token.env, cwd=token.home),
+                   "MECHANISM_UNSUPPORTED", 69)
+
+
 def test_help_goes_to_stdout_and_names_every_flag(signer):
     result = signer(["--help"])
     assert result.returncode == 0
