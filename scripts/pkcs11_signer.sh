@@ -27,7 +27,8 @@
 #                             [LAP_PKCS11_EXPECT_PUBLIC_KEY, LAP_GATEWAY_PUBLIC_KEY_HEX]
 #   --lock-dir PATH           lock file directory, or none [LAP_PKCS11_LOCK_DIR]
 #   -h, --help                show this help
-# SIGNER_TIMEOUT_SECONDS (the gateway's deadline) caps the deadline, less 250 ms.
+# SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS (the gateway's
+# deadline) caps the deadline, less 250 ms.
 set -Eeuo pipefail
 LC_ALL=C
 
@@ -53,7 +54,7 @@ readonly OPTION_TABLE=(
   "pkcs11_tool|--pkcs11-tool|LAP_PKCS11_TOOL|pkcs11-tool"
   "expect_public_key|--expect-public-key|LAP_PKCS11_EXPECT_PUBLIC_KEY LAP_GATEWAY_PUBLIC_KEY_HEX|"
   "lock_dir|--lock-dir|LAP_PKCS11_LOCK_DIR|"
-  "caller_timeout_ms||SIGNER_TIMEOUT_SECONDS|"
+  "caller_timeout_ms||SIGNER_TIMEOUT_SECONDS LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS|"
 )
 readonly SCRUBBED_ENV=(OPENSC_DEBUG PKCS11SPY PKCS11SPY_OUTPUT)
 readonly GATEWAY_MARKERS=(LAP_GATEWAY_SIGNING_CMD LAP_GATEWAY_KEYSET_JSON LAP_GATEWAY_KEYSET_FILE)
@@ -307,7 +308,10 @@ resolve() {
 check_gateway_input() {
   [[ ${SRC[input]} == default ]] || return 0
   local name started=""
-  [[ ${SIGNER_MODE-} == external ]] && started=1
+  local mode=${SIGNER_MODE-}
+  trim mode
+  # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
+  case ${mode,,} in external|cmd|command) started=1 ;; esac
   for name in "${GATEWAY_MARKERS[@]}"; do [[ -n ${!name-} ]] && started=1; done
   [[ -z $started ]] || fail CONFIG_INVALID "started by the LAP gateway, which sends base64(message), but --input is not set; add --input base64 to SIGNER_CMD (or set --input raw explicitly)"
 }
@@ -316,7 +320,7 @@ set_deadline() {
   local deadline=${VAL[timeout_ms]} caller
   if [[ -v VAL[caller_timeout_ms] ]]; then
     caller=$((VAL[caller_timeout_ms] - CALLER_MARGIN_MS))
-    ((caller >= MIN_DEADLINE_MS)) || fail CONFIG_INVALID "SIGNER_TIMEOUT_SECONDS leaves less than $MIN_DEADLINE_MS ms after the $CALLER_MARGIN_MS ms start-up margin; give the gateway's signer a longer timeout"
+    ((caller >= MIN_DEADLINE_MS)) || fail CONFIG_INVALID "${SRC[caller_timeout_ms]#*:} leaves less than $MIN_DEADLINE_MS ms after the $CALLER_MARGIN_MS ms start-up margin; give the gateway's signer a longer timeout"
     ((caller < deadline)) && deadline=$caller
   fi
   DEADLINE_US=$((START_US + deadline * 1000))

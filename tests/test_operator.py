@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, gateway_decode, pkcs11_tool, verify
+from lap_pkcs11 import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 SEED = bytes(range(32))
@@ -73,11 +74,14 @@ def test_pubkey_pem_verifies_with_openssl(any_key, tmp_path):
                    check=True, capture_output=True)
 
 
-def test_trusted_keys_entry(any_key):
+def test_trusted_keys_registry(any_key):
+    """The wrapped registry: the shape the gateway's schema accepts for trusted_keys.json
+    (tests/test_gateway_e2e.py checks it with the gateway's own schema and verifier)."""
     token, public = any_key
-    entry = json.loads(lap(token, "pubkey", *token.args(), "--format", "trusted-keys",
-                           "--kid", "gw-2026").stdout)
-    assert entry == {"gw-2026": {"public_key_hex": public.hex(), "status": "active"}}
+    registry = json.loads(lap(token, "pubkey", *token.args(), "--format", "trusted-keys",
+                              "--kid", "gw-2026").stdout)
+    assert registry == {"version": 1,
+                        "keys": {"gw-2026": {"public_key_hex": public.hex(), "status": "active"}}}
 
 
 def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
@@ -88,6 +92,8 @@ def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
     entry = keyset["keys"]["gw.1"]
     assert entry["public_key_hex"] == public.hex()
     assert entry["timeout_seconds"] == 2.0
+    # The signer cannot see timeout_seconds: the command carries the matching deadline.
+    assert "--timeout-ms 1500" in entry["signing_cmd"]
     assert USER_PIN not in entry["signing_cmd"]
     message = b"\x00receipt\x00" * 50
     # The gateway: shlex.split, no shell, base64 + newline on stdin, its whole environment.
@@ -98,8 +104,77 @@ def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
     verify(bytes.fromhex(entry["public_key_hex"]), message, gateway_decode(result.stdout))
 
 
+def signer_env_file(token, extra=""):
+    """The signer's settings in an env file, as the README's /etc/lap-pkcs11/signer.env."""
+    path = token.home / "signer.env"
+    path.write_text(f"SOFTHSM2_CONF={token.conf}\nLAP_PKCS11_MODULE={token.module}\n"
+                    f"LAP_PKCS11_TOKEN_LABEL={token.label}\nLAP_PKCS11_KEY_ID=01\n{extra}")
+    return path
+
+
+def test_keyset_deadline_follows_the_configured_timeout(keyed):
+    token, public = keyed
+    env_file = signer_env_file(token, "LAP_PKCS11_TIMEOUT_MS=3000\n")
+    keyset = json.loads(lap(token, "pubkey", "--env-file", str(env_file), "--format", "keyset",
+                            "--kid", "k").stdout)
+    entry = keyset["keys"]["k"]
+    assert entry["timeout_seconds"] == 3.5
+    words = shlex.split(entry["signing_cmd"])
+    assert words[words.index("--timeout-ms") + 1] == "3000"
+    # Settings from the env file stay in it; the command names the file.
+    assert "--module" not in words and words[words.index("--env-file") + 1] == str(env_file)
+
+
+def gateway_env(text):
+    """The lines as systemd's EnvironmentFile= would load them (sh reads them alike)."""
+    values = envfile.parse(text)
+    shell = subprocess.run(["bash", "-c", 'set -a; . /dev/stdin; for n in "$@"; do '
+                            'printf "%s=%s\\0" "$n" "${!n}"; done', "_", *values],
+                           input=text.encode(), capture_output=True, check=True).stdout
+    assert dict(item.split("=", 1) for item in shell.decode().split("\0")[:-1]) == values
+    return values
+
+
+@pytest.mark.parametrize("kid", [None, "gw-1"])
+def test_gateway_env_is_a_complete_hard_key_configuration(keyed, kid):
+    token, public = keyed
+    env_file = signer_env_file(token)
+    args = ["pubkey", "--env-file", str(env_file), "--format", "gateway-env"]
+    result = lap(token, *args, *(["--kid", kid] if kid else []))
+    assert result.returncode == 0, result.stderr
+    values = gateway_env(result.stdout.decode())
+    assert list(values) == ["LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_PUBLIC_KEY_HEX",
+                            "LAP_GATEWAY_SIGNING_KEY_ID", "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"]
+    assert values["LAP_GATEWAY_PUBLIC_KEY_HEX"] == public.hex()
+    assert values["LAP_GATEWAY_SIGNING_KEY_ID"] == (kid or "gateway")
+    assert values["LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"] == "2.0"
+    words = shlex.split(values["LAP_GATEWAY_SIGNING_CMD"])
+    assert words[1:4] == ["sign", "--input", "base64"] and "--timeout-ms" not in words
+    assert words[words.index("--expect-public-key") + 1] == public.hex()
+    assert USER_PIN not in result.stdout.decode()
+    # The gateway: shlex.split, no shell, base64 + newline, its whole environment.
+    env = {**{k: v for k, v in token.env.items() if k != "SOFTHSM2_CONF"}, **values}
+    message = b"\x00token\x00" * 60
+    signed = subprocess.run(words, input=base64.b64encode(message) + b"\n", env=env,
+                            capture_output=True, timeout=2.0 * 10)
+    assert signed.returncode == 0, signed.stderr
+    verify(public, message, gateway_decode(signed.stdout))
+
+
+def test_gateway_env_refuses_what_environment_files_read_differently(keyed):
+    token, _ = keyed
+    odd = token.home / "a$b"
+    odd.mkdir()
+    env_file = signer_env_file(token)
+    (odd / "signer.env").write_text(env_file.read_text())
+    result = lap(token, "pubkey", "--env-file", str(odd / "signer.env"), "--format",
+                 "gateway-env")
+    assert_error(result, "CONFIG_INVALID", 64)
+
+
 @pytest.mark.parametrize("args, name, code", [
     (["--format", "keyset"], "CONFIG_INVALID", 64),
+    (["--format", "gateway-env", "--kid", "no spaces"], "CONFIG_INVALID", 64),
     (["--format", "trusted-keys", "--kid", "bad kid!"], "CONFIG_INVALID", 64),
     (["--format", "der"], "CONFIG_INVALID", 64),
 ])
