@@ -56,10 +56,15 @@ def require(program):
 
 
 def pkcs11_tool():
-    """The pkcs11-tool under test: $LAP_TEST_PKCS11_TOOL, else Debian's on PATH."""
+    """The pkcs11-tool under test: $LAP_TEST_PKCS11_TOOL, else Debian's on PATH.
+
+    A selected version that is not built here skips the test that needs it, saying so.
+    """
     if not TEST_TOOL:
         return require("pkcs11-tool")
-    assert os.access(TEST_TOOL, os.X_OK), f"LAP_TEST_PKCS11_TOOL={TEST_TOOL} is not executable"
+    if not (os.path.isfile(TEST_TOOL) and os.access(TEST_TOOL, os.X_OK)):
+        pytest.skip(f"LAP_TEST_PKCS11_TOOL={TEST_TOOL} is not present here "
+                    "(.ci/opensc.sh build makes the OpenSC release builds)")
     return TEST_TOOL
 
 
