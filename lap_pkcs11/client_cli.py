@@ -8,7 +8,7 @@ is missing, refuses or stays silent is SIGNER_UNAVAILABLE (69).
 
 Options: --socket PATH (LAP_PKCS11_SOCKET, default /run/lap-pkcs11/signer.sock),
 --timeout-ms N (LAP_PKCS11_CLIENT_TIMEOUT_MS, default 2000), capped by the
-gateway's SIGNER_TIMEOUT_SECONDS less 250 ms.
+gateway's SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS less 250 ms.
 
 On the per-signature path: it imports only modules built into Python.
 """
@@ -20,7 +20,7 @@ import time
 
 from lap_pkcs11 import errors, wire
 from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS
-from lap_pkcs11.options import _seconds_as_ms, _timeout_ms
+from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
 from lap_pkcs11.sign_cli import READ_LIMIT, read_stdin, write_stdout
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
@@ -33,7 +33,8 @@ exactly as `lap-pkcs11 sign` would (same output, error line and exit code).
 
   --socket PATH    Env: LAP_PKCS11_SOCKET. [default: /run/lap-pkcs11/signer.sock]
   --timeout-ms N   Env: LAP_PKCS11_CLIENT_TIMEOUT_MS. [default: 2000]
-                   Capped by SIGNER_TIMEOUT_SECONDS less 250 ms.
+                   Capped by SIGNER_TIMEOUT_SECONDS (or
+                   LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS) less 250 ms.
 """
 
 
@@ -55,15 +56,19 @@ def parse_args(args, environ):
     path = values["--socket"] or environ.get("LAP_PKCS11_SOCKET") or DEFAULT_SOCKET
     text = values["--timeout-ms"] or environ.get("LAP_PKCS11_CLIENT_TIMEOUT_MS") or \
         DEFAULT_TIMEOUT_MS
+    # The gateway's deadline, as sign reads it: SIGNER_TIMEOUT_SECONDS, then
+    # LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS.
+    caller_name = next((name for name in BY_ATTR["caller_timeout_ms"].envs if environ.get(name)),
+                       "SIGNER_TIMEOUT_SECONDS")
     try:
         deadline_ms = _timeout_ms(text)
-        caller = environ.get("SIGNER_TIMEOUT_SECONDS")
+        caller = environ.get(caller_name)
         if caller:
             deadline_ms = min(deadline_ms, _seconds_as_ms(caller) - CALLER_MARGIN_MS)
     except ValueError as err:
-        raise errors.ConfigInvalid(f"--timeout-ms or SIGNER_TIMEOUT_SECONDS {err}") from None
+        raise errors.ConfigInvalid(f"--timeout-ms or {caller_name} {err}") from None
     if deadline_ms < MIN_DEADLINE_MS:
-        raise errors.ConfigInvalid("SIGNER_TIMEOUT_SECONDS leaves no time for the signer; "
+        raise errors.ConfigInvalid(f"{caller_name} leaves no time for the signer; "
                                    "give the gateway's signer a longer timeout")
     return path, deadline_ms
 
