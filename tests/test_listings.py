@@ -8,6 +8,7 @@ tests run against the pkcs11-tool under test (LAP_TEST_PKCS11_TOOL).
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -188,6 +189,19 @@ def test_the_tool_under_test_is_the_one_selected():
         assert f"opensc-{version}" in TEST_TOOL
     else:
         assert version.startswith("0.23"), version
+
+
+def test_the_eddsa_limit_of_this_pkcs11_tool_is_1024_bytes(keyed):
+    """Why MESSAGE_TOO_LARGE stays: every version through 0.27.1 signs 1024 bytes, not 1025."""
+    token, _ = keyed
+    for size, signs in ((1024, True), (1025, False)):
+        path = token.home / f"m{size}"
+        path.write_bytes(os.urandom(size))
+        result = subprocess.run([pkcs11_tool(), "--module", token.module, "--token-label",
+                                 token.label, "--login", "--pin", "env:PKCS11_PIN", "--sign",
+                                 "--mechanism", "EDDSA", "--id", "01", "--input-file", path],
+                                env=token.env, capture_output=True, timeout=60)
+        assert (result.returncode == 0 and len(result.stdout) == 64) == signs, (size, result)
 
 
 def field_names(text):
