@@ -36,7 +36,8 @@ def provision(home):
                     "log.level = ERROR\n")
     env = dict(os.environ, SOFTHSM2_CONF=str(conf), PKCS11_PIN=PIN,
                XDG_RUNTIME_DIR=str(home))
-    for name in ("LAP_GATEWAY_PUBLIC_KEY_HEX", "SIGNER_TIMEOUT_SECONDS"):
+    for name in ("LAP_GATEWAY_PUBLIC_KEY_HEX", "SIGNER_TIMEOUT_SECONDS",
+                 "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"):
         env.pop(name, None)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--so-pin",
                     "97531864", "--pin", PIN], env=env, check=True, capture_output=True)
@@ -46,8 +47,11 @@ def provision(home):
                     "--label", "bench"], env=env, check=True, capture_output=True)
     listing = subprocess.run([*tool, "--list-objects", "--type", "pubkey"], env=env, check=True,
                              capture_output=True, text=True).stdout
-    point = listing.split("EC_POINT:", 1)[1].split()[0]
-    return module, env, tool, point[-64:]
+    # The package's own parser reads every OpenSC's listing (0.27 prints "EC Point:", wrapped).
+    from lap_pkcs11.tool import parse_objects
+
+    (key,) = [obj for obj in parse_objects(listing) if obj.kind == "public key" and obj.id == "01"]
+    return module, env, tool, key.public_key().hex()
 
 
 def start_socket_signer(home, module, env, bin_dir):

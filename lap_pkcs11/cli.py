@@ -125,56 +125,74 @@ def pubkey(flags,
                                             help="Output format.")] = "hex",
            kid: Annotated[Optional[str], typer.Option(
                "--kid", help="Key id for trusted-keys and keyset.")] = None):
-    """Print the selected key's Ed25519 public key, in the format the gateway wants."""
+    """Print the selected key's Ed25519 public key, in the format the gateway wants.
+
+    gateway-env prints the gateway's variables for this key (LAP_GATEWAY_SIGNING_CMD,
+    _PUBLIC_KEY_HEX, _SIGNING_KEY_ID, _SIGNING_CMD_TIMEOUT_SECONDS) for an
+    EnvironmentFile=; keyset a LAP_GATEWAY_KEYSET_JSON; trusted-keys a verifier's
+    trusted_keys.json.
+    """
     from lap_pkcs11.token import Session
 
     try:
         config = settings.load(flags)
         if fmt not in keyformats.FORMATS:
             raise errors.ConfigInvalid(f"--format must be one of {', '.join(keyformats.FORMATS)}")
-        if fmt in ("trusted-keys", "keyset"):
+        if fmt in ("trusted-keys", "keyset") or (fmt == "gateway-env" and kid is not None):
             keyformats.check_kid(kid)
         key = Session(config).public_key()
-        text = keyformats.render(key, fmt, kid, signing_command(config, key),
+        # A keyset's timeout_seconds is invisible to the signer, so its command carries
+        # the matching --timeout-ms; LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS the signer reads.
+        text = keyformats.render(key, fmt, kid,
+                                 signing_command(config, key, fixed_deadline=fmt == "keyset"),
                                  keyset_timeout_seconds(config))
     except errors.SignerError as err:
         fail(err)
     typer.echo(text, nl=False)
 
 
-def signing_command(config, key):
-    """The `lap-pkcs11 sign` command line the gateway runs for this configuration (no PIN)."""
+def signing_command(config, key, fixed_deadline=False):
+    """The `lap-pkcs11 sign` command line the gateway runs for this configuration (no PIN).
+
+    Options the env file set are left to it (the command names the env file, so
+    editing it keeps working); options from flags or this shell's environment
+    become flags, since the gateway has neither. ``fixed_deadline`` always writes
+    ``--timeout-ms``, for a caller whose deadline the signer cannot see.
+    """
     import shlex
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "lap-pkcs11"
-    args = [str(exe) if exe.exists() else "lap-pkcs11", "sign", "--input", "base64",
-            "--module", config.module]
-    for attr, flag in (("slot", "--slot"), ("slot_index", "--slot-index"),
-                       ("token_label", "--token-label"), ("key_id", "--key-id"),
-                       ("key_label", "--key-label")):
-        if getattr(config, attr) is not None:
+    args = [str(exe) if exe.exists() else "lap-pkcs11", "sign", "--input", "base64"]
+
+    def given(attr):
+        return getattr(config, attr) is not None and not config.sources[attr].startswith("file:")
+
+    for attr, flag in (("module", "--module"), ("slot", "--slot"),
+                       ("slot_index", "--slot-index"), ("token_label", "--token-label"),
+                       ("key_id", "--key-id"), ("key_label", "--key-label")):
+        if given(attr):
             args += [flag, str(getattr(config, attr))]
-    if config.mechanism != "EDDSA":
+    if given("mechanism") and config.mechanism != "EDDSA":
         args += ["--mechanism", config.mechanism]
-    if config.pin_file is not None:
+    if given("pin_file"):
         args += ["--pin-file", config.pin_file]
-    elif config.pin_env != "PKCS11_PIN":
+    elif given("pin_env") and config.pin_env != "PKCS11_PIN":
         args += ["--pin-env", config.pin_env]
-    for attr, flag in (("env_file", "--env-file"), ("lock_dir", "--lock-dir")):
-        if getattr(config, attr) is not None:
-            args += [flag, str(Path(getattr(config, attr)).absolute())
-                     if attr == "env_file" else getattr(config, attr)]
-    if config.sources["pkcs11_tool"] != "default":
+    if config.env_file is not None:
+        args += ["--env-file", str(Path(config.env_file).absolute())]
+    if given("lock_dir"):
+        args += ["--lock-dir", config.lock_dir]
+    if given("pkcs11_tool") and config.sources["pkcs11_tool"] != "default":
         args += ["--pkcs11-tool", config.pkcs11_tool]
-    if config.sources["timeout_ms"] != "default":
+    if fixed_deadline or (given("timeout_ms") and config.sources["timeout_ms"] != "default"):
         args += ["--timeout-ms", str(config.timeout_ms)]
     args += ["--expect-public-key", key.hex()]
     return shlex.join(args)
 
 
 def keyset_timeout_seconds(config):
-    """The gateway's timeout for this signer: its own deadline plus the start-up margin."""
+    """The gateway's timeout for this signer: its own deadline plus twice the start-up margin."""
     return round((config.timeout_ms + 2 * CALLER_MARGIN_MS) / 1000, 3)
 
 

@@ -12,9 +12,10 @@ that is missing, refuses or stays silent is SIGNER_UNAVAILABLE (69).
 
 Options: --socket PATH (LAP_PKCS11_SOCKET, default /run/lap-pkcs11/signer.sock),
 --timeout-ms N (LAP_PKCS11_CLIENT_TIMEOUT_MS, default 2000, capped by the
-gateway's SIGNER_TIMEOUT_SECONDS less 250 ms), and, to check the signature,
---expect-public-key HEX (LAP_PKCS11_EXPECT_PUBLIC_KEY, LAP_GATEWAY_PUBLIC_KEY_HEX)
-with --input raw|base64 (LAP_PKCS11_INPUT): how to read the message from stdin.
+gateway's SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS less
+250 ms), and, to check the signature, --expect-public-key HEX
+(LAP_PKCS11_EXPECT_PUBLIC_KEY, LAP_GATEWAY_PUBLIC_KEY_HEX) with --input raw|base64
+(LAP_PKCS11_INPUT): how to read the message from stdin.
 
 On the per-signature path: it imports only modules built into Python.
 """
@@ -43,7 +44,8 @@ after checking it: one 64-byte signature, by the pinned key when one is set.
 
   --socket PATH             Env: LAP_PKCS11_SOCKET. [default: /run/lap-pkcs11/signer.sock]
   --timeout-ms N            Env: LAP_PKCS11_CLIENT_TIMEOUT_MS. [default: 2000]
-                            Capped by SIGNER_TIMEOUT_SECONDS less 250 ms.
+                            Capped by SIGNER_TIMEOUT_SECONDS (or
+                            LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS) less 250 ms.
   --expect-public-key HEX   Pinned Ed25519 public key: the signature must verify.
                             Env: LAP_PKCS11_EXPECT_PUBLIC_KEY, LAP_GATEWAY_PUBLIC_KEY_HEX.
   --input raw|base64        How stdin holds the message (to verify the signature);
@@ -91,15 +93,19 @@ def parse_args(args, environ):
     settings = Settings()
     settings.socket = _lookup("socket", flags, environ)[0] or DEFAULT_SOCKET
     text = _lookup("timeout_ms", flags, environ)[0] or DEFAULT_TIMEOUT_MS
+    # The gateway's deadline, as sign reads it: SIGNER_TIMEOUT_SECONDS, then
+    # LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS.
+    caller_name = next((name for name in BY_ATTR["caller_timeout_ms"].envs if environ.get(name)),
+                       "SIGNER_TIMEOUT_SECONDS")
     try:
         deadline_ms = _timeout_ms(text)
-        caller = environ.get("SIGNER_TIMEOUT_SECONDS")
+        caller = environ.get(caller_name)
         if caller:
             deadline_ms = min(deadline_ms, _seconds_as_ms(caller) - CALLER_MARGIN_MS)
     except ValueError as err:
-        raise errors.ConfigInvalid(f"--timeout-ms or SIGNER_TIMEOUT_SECONDS {err}") from None
+        raise errors.ConfigInvalid(f"--timeout-ms or {caller_name} {err}") from None
     if deadline_ms < MIN_DEADLINE_MS:
-        raise errors.ConfigInvalid("SIGNER_TIMEOUT_SECONDS leaves no time for the signer; "
+        raise errors.ConfigInvalid(f"{caller_name} leaves no time for the signer; "
                                    "give the gateway's signer a longer timeout")
     settings.deadline_ms = deadline_ms
     settings.sources = {}

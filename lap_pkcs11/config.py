@@ -46,7 +46,8 @@ class Config:
             caller_ms = self.caller_timeout_ms - CALLER_MARGIN_MS
             if caller_ms < MIN_DEADLINE_MS:
                 raise ConfigInvalid(
-                    f"SIGNER_TIMEOUT_SECONDS leaves less than {MIN_DEADLINE_MS} ms after the "
+                    f"{self.sources['caller_timeout_ms'].split(':', 1)[-1]} leaves less than "
+                    f"{MIN_DEADLINE_MS} ms after the "
                     f"{CALLER_MARGIN_MS} ms start-up margin; give the gateway's signer a longer "
                     "timeout")
             deadline = min(deadline, caller_ms)

@@ -61,16 +61,24 @@ class Report:
                 "signing_latency_ms": self.latency_ms}
 
 
-def _opensc_version(env):
-    path = tool.find_program("opensc-tool", env)
-    if path is None:
-        return "version unknown"
+def tool_version(path, env):
+    """The OpenSC version of the pkcs11-tool at ``path``.
+
+    pkcs11-tool has no --version option; the opensc-tool installed beside it (the
+    same package or build) prints the version of the OpenSC they share. The one
+    on PATH may belong to another OpenSC.
+    """
+    beside = os.path.join(os.path.dirname(os.path.realpath(path)), "opensc-tool")
+    if not os.access(beside, os.X_OK):
+        return "version unknown: no opensc-tool beside it"
     try:
-        result = tool.run([path, "--info"], env, time.monotonic() + 5)
+        result = tool.run([beside, "--info"], env, time.monotonic() + 5)
     except errors.SignerError:
         return "version unknown"
     first = result.stdout.decode("utf-8", "replace").splitlines()[:1]
-    return first[0].split("[")[0].strip() if first else "version unknown"
+    if result.status != 0 or not first or not first[0].startswith("OpenSC "):
+        return "version unknown"
+    return first[0].split("[")[0].strip()
 
 
 def run(flags, environ=None):
@@ -88,7 +96,7 @@ def run(flags, environ=None):
         report.fail("pkcs11-tool found", errors.ToolNotFound(f"{tool_name} not found"),
                     "install OpenSC (apt-get install opensc) or set --pkcs11-tool")
         return report
-    report.add("pkcs11-tool found", "pass", f"{path} ({_opensc_version(environ)})")
+    report.add("pkcs11-tool found", "pass", f"{path} ({tool_version(path, environ)})")
     if config_error is not None:
         report.fail("configuration valid", config_error,
                     "fix the option it names; `lap-pkcs11 config` shows where each value came from")

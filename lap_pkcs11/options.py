@@ -145,7 +145,9 @@ OPTIONS = (
     Option("lock_dir", "--lock-dir", ("LAP_PKCS11_LOCK_DIR",), None, _text, "PATH",
            "Directory for the per-module lock that serialises token access "
            "(default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR, then /tmp); 'none' turns it off."),
-    Option("caller_timeout_ms", None, ("SIGNER_TIMEOUT_SECONDS",), None, _seconds_as_ms, "SECONDS",
+    Option("caller_timeout_ms", None,
+           ("SIGNER_TIMEOUT_SECONDS", "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"), None,
+           _seconds_as_ms, "SECONDS",
            "The gateway's own deadline (inherited); the signer finishes before it."),
 )
 

@@ -82,7 +82,9 @@ def check_gateway_input(config, environ):
     """
     if config.sources["input"] != "default":
         return
-    started_by_gateway = environ.get("SIGNER_MODE") == "external" or any(
+    # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
+    mode = environ.get("SIGNER_MODE", "").strip().lower()
+    started_by_gateway = mode in ("external", "cmd", "command") or any(
         environ.get(name) for name in GATEWAY_MARKERS)
     if started_by_gateway:
         raise errors.ConfigInvalid(

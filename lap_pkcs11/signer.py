@@ -227,7 +227,10 @@ def resolve_key_id(config, tool_path, env, pin_env, deadline):
     if not ids:
         raise errors.KeyNotFound(f"no private key labelled {config.key_label!r} on the token; "
                                  "check --key-label (lap-pkcs11 doctor)")
-    if len(ids) > 1 or None in ids:
+    if None in ids:
+        raise errors.KeyNotFound(f"a private key labelled {config.key_label!r} shows no ID that "
+                                 "lap-pkcs11 can read; select the key with --key-id")
+    if len(ids) > 1:
         raise errors.KeyNotFound(f"the label {config.key_label!r} is not unique on the token; "
                                  "select the key with --key-id")
     return ids.pop()

@@ -113,10 +113,51 @@ class Session:
         return keys.pop()
 
     def generate(self, key_id, label):
-        """Make a new Ed25519 key pair; refuse when the id or label is taken."""
-        taken = [obj for kind in ("privkey", "pubkey") for obj in self.objects(kind, login=True)
-                 if obj.id == key_id or obj.label == label]
+        """Make a new Ed25519 key pair; refuse, changing nothing, unless the id and label
+        are provably free."""
+        listed, strays = [], []
+        for kind in ("privkey", "pubkey"):
+            objects, unread = tool.read_listing(self.run(tool.list_objects_argv(
+                self.tool, self.config, kind, self.login())))
+            listed += objects
+            strays += unread
+        doubt = listing_doubt(listed, strays)
+        if doubt:
+            raise errors.KeyExists(f"cannot prove that id {key_id} and label {label!r} are free: "
+                                   f"{doubt}; nothing was changed; check the token with "
+                                   "pkcs11-tool --list-objects or use another pkcs11-tool")
+        taken = [obj for obj in listed if obj.id == key_id or obj.label == label]
         if taken:
             raise errors.KeyExists(f"the token already holds a key with id {key_id} or label "
                                    f"{label!r}; nothing was changed; pick a new id and label")
         self.run(tool.keygen_argv(self.tool, self.config, self.login(), key_id, label))
+
+
+# Every field pkcs11-tool 0.23 to 0.27 prints for a key object.
+KNOWN_KEY_FIELDS = frozenset((
+    "label", "ID", "Usage", "Access", "uri", "Unique ID", "Allowed mechanisms",
+    "EC_POINT", "EC_PARAMS", "EC Point", "EC Params", "Modulus", "Public exp",
+    "Params OID", "PARAMS OID", "Value", "VALUE"))
+
+
+# Chatter some builds print before a listing.
+HARMLESS_STRAYS = ("Using slot", "Logging in to")
+
+
+def listing_doubt(objects, strays=()):
+    """Why a listing cannot prove which ids and labels its keys have, or None."""
+    for line in strays:
+        if not line.startswith(HARMLESS_STRAYS):
+            return f"pkcs11-tool printed a line lap-pkcs11 cannot read ({line[:60]!r})"
+    for obj in objects:
+        if not obj.is_key:
+            continue
+        unknown = [name for name in obj.fields if name not in KNOWN_KEY_FIELDS]
+        if unknown:
+            return (f"a {obj.kind} shows a field lap-pkcs11 does not know "
+                    f"({unknown[0][:40]!r})")
+        if obj.id_text is None:
+            return f"a {obj.kind} (label {obj.label!r}) shows no ID"
+        if obj.id is None:
+            return f"a {obj.kind} shows an ID lap-pkcs11 cannot read ({obj.id_text[:60]!r})"
+    return None

@@ -279,19 +279,74 @@ def _kill_group(pid):
 # CKA_EC_PARAMS of Ed25519 keys: the PrintableString "edwards25519" (what
 # pkcs11-tool --keypairgen writes) or the OID 1.3.101.112 (imported keys).
 ED25519_PARAMS = ("130c656477617264733235353139", "06032b6570")
+_HEX_DIGITS = frozenset("0123456789abcdef")
+# Field names across OpenSC versions: 0.23-0.26 print EC_POINT/EC_PARAMS, 0.27 "EC Point"/"EC Params".
+_FIELDS = {"label": "label", "ID": "id", "EC_POINT": "ec_point", "EC Point": "ec_point",
+           "EC_PARAMS": "ec_params", "EC Params": "ec_params", "Usage": "usage",
+           "Access": "access"}
+KEY_KINDS = ("private key", "public key", "secret key")
+
+
+def hex_digits(text):
+    """Lowercase hex of a printed byte string (``a1b2``, ``A1:B2``, wrapped), or None."""
+    digits = "".join(text.split()).replace(":", "").lower()
+    if not digits or len(digits) % 2 or not _HEX_DIGITS.issuperset(digits):
+        return None
+    return digits
+
+
+def id_hex(text):
+    """A printed CKA_ID as lowercase hex, or None when it cannot be read.
+
+    0.23-0.26 print plain hex (``0102``); 0.27 prints ids of at most 4 bytes that
+    are not zero as decimal with the bytes in brackets (``258 (0x01:02)``), others
+    as colon hex (``00``, ``a1:b2:...``) wrapped after 32 bytes.
+    """
+    number, bracket, rest = text.partition(" (0x")
+    if bracket:
+        if not (number.isascii() and number.isdigit() and rest.endswith(")")):
+            return None
+        digits = hex_digits(rest[:-1])
+        return digits if digits is not None and int(digits, 16) == int(number) else None
+    return hex_digits(text)
 
 
 class TokenObject:
-    """One object of a ``--list-objects`` listing."""
+    """One object of a ``--list-objects`` listing: its kind and the fields lap-pkcs11 uses.
+
+    ``id`` and ``ec_point``/``ec_params`` are lowercase hex whatever the OpenSC
+    version printed; ``id_text`` keeps what was printed, and ``id`` is None when
+    that text was present but unreadable.
+    """
 
     def __init__(self, kind):
         self.kind = kind
+        self.fields = []
         self.label = None
         self.id = None
+        self.id_text = None
         self.ec_point = None
         self.ec_params = None
         self.access = frozenset()
         self.usage = frozenset()
+
+    @property
+    def is_key(self):
+        return self.kind in KEY_KINDS
+
+    def _set(self, name, value):
+        if name == "label":
+            self.label = value
+        elif name == "id":
+            self.id_text, self.id = value, id_hex(value)
+        elif name == "ec_point":
+            self.ec_point = hex_digits(value)
+        elif name == "ec_params":
+            # Hex, then a description in brackets: "(OID 1.3.101.112)", '("Ed25519" OID:...)'.
+            self.ec_params = hex_digits(value.split("(", 1)[0])
+        elif name in ("access", "usage"):
+            setattr(self, name, frozenset(part.strip() for part in value.split(",")
+                                          if part.strip()))
 
     def public_key(self):
         """The 32-byte Ed25519 key from CKA_EC_POINT, DER-wrapped or raw."""
@@ -307,34 +362,60 @@ class TokenObject:
                                    f"{len(raw)} bytes, not an Ed25519 point")
 
 
+def _object_kind(line):
+    """"private key" for "Private Key Object; EC_EDWARDS", "data" for "Data object 6", or None."""
+    words = line.split(";", 1)[0].lower().split()
+    if "object" not in words:
+        return None
+    return " ".join(words[:words.index("object")])
+
+
 def parse_objects(listing):
     """The objects of a ``pkcs11-tool --list-objects`` listing, in order."""
-    objects, current = [], None
+    return read_listing(listing)[0]
+
+
+def read_listing(listing):
+    """(objects, stray lines) of a ``pkcs11-tool --list-objects`` listing.
+
+    Reads every format from OpenSC 0.23 to 0.27: an object starts at a line with
+    no indent, its fields are ``  name: value`` lines, and a line indented deeper
+    (0.27 wraps values over 32 bytes onto lines indented 14 spaces) continues
+    the field before it. Lines with no indent that name no object are the stray
+    lines, for a caller who must be sure it read everything.
+    """
+    objects, strays, current, fields, field = [], [], None, {}, None
+
+    def finish():
+        if current is not None:
+            for name, value in fields.items():
+                current._set(name, value)
+
     for line in listing.splitlines():
-        if not line.startswith(" ") and " Object" in line:
-            current = TokenObject(line.split(" Object", 1)[0].strip().lower())
-            objects.append(current)
+        if not line.strip():
             continue
-        if not line.startswith("  "):
-            current = None
+        if not line.startswith(" "):
+            finish()
+            kind = _object_kind(line)
+            current = TokenObject(kind) if kind is not None else None
+            fields, field = {}, None
+            if current is None:
+                strays.append(line.strip())
+            else:
+                objects.append(current)
             continue
         if current is None:
             continue
-        field, _, value = line.strip().partition(":")
-        value = value.strip()
-        if field == "label":
-            current.label = value
-        elif field == "ID":
-            current.id = value
-        elif field == "EC_POINT":
-            current.ec_point = value
-        elif field == "EC_PARAMS":
-            current.ec_params = value.split()[0]
-        elif field == "Access":
-            current.access = frozenset(part.strip() for part in value.split(","))
-        elif field == "Usage":
-            current.usage = frozenset(part.strip() for part in value.split(","))
-    return objects
+        if not line.startswith("   ") or field is None:
+            name, _, value = line.strip().partition(":")
+            current.fields.append(name.strip())
+            field = _FIELDS.get(name.strip(), "")
+            if field:
+                fields[field] = value.strip()
+        elif field:
+            fields[field] += " " + line.strip()
+    finish()
+    return objects, strays
 
 
 # Stable CKR_* names and OpenSC phrases, matched in order against stderr.
@@ -342,6 +423,8 @@ _CLASSES = (
     ("Failed to load pkcs11 module", errors.ModuleLoadFailed,
      "the PKCS#11 module cannot be loaded; check --module and the module's own configuration"),
     ("sc_dlopen failed", errors.ModuleLoadFailed,
+     "the PKCS#11 module cannot be loaded; check --module"),
+    ("sc_dlopen_deep failed", errors.ModuleLoadFailed,
      "the PKCS#11 module cannot be loaded; check --module"),
     ("C_Initialize failed", errors.ModuleLoadFailed,
      "the PKCS#11 module failed to initialise; check its configuration (e.g. SOFTHSM2_CONF)"),
@@ -353,6 +436,12 @@ _CLASSES = (
      "the user PIN is locked; unlock it with the SO PIN"),
     ("CKR_PIN_EXPIRED", errors.PinLocked,
      "the user PIN has expired; set a new one"),
+    ("Token not initialized", errors.TokenNotFound,
+     "the selected slot holds no initialised token; check the token selector "
+     "(pkcs11-tool --list-token-slots)"),
+    ("CKR_TOKEN_NOT_RECOGNIZED", errors.TokenNotFound,
+     "the selected slot holds no initialised token; check the token selector "
+     "(pkcs11-tool --list-token-slots)"),
     ("No slot with token named", errors.TokenNotFound,
      "no token with that label; check --token-label (pkcs11-tool --list-slots)"),
     ("CKR_SLOT_ID_INVALID", errors.TokenNotFound,
@@ -367,8 +456,14 @@ _CLASSES = (
      "the module sees no slots; check the token is present and initialised"),
     ("No slot", errors.TokenNotFound,
      "no usable token; check the token selector (pkcs11-tool --list-slots)"),
+    ("Private/secret key not found", errors.KeyNotFound,
+     "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)"),
     ("key not found", errors.KeyNotFound,
      "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)"),
+    ("Key has no EC_PARAMS attribute", errors.MechanismUnsupported,
+     "the key has no EC parameters, so it is not an Ed25519 key; select an Ed25519 key"),
+    ("Unknown or unsupported EC curve", errors.MechanismUnsupported,
+     "the key is on a curve pkcs11-tool cannot sign EdDSA with; select an Ed25519 key"),
     ("CKR_MECHANISM_INVALID", errors.MechanismUnsupported,
      "the token cannot do this mechanism; check --mechanism and the key type"),
     ("CKR_KEY_TYPE_INCONSISTENT", errors.MechanismUnsupported,

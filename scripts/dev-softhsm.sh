@@ -6,6 +6,8 @@
 # lap-signer, sensitive and never extractable), and DIR/signer.env with
 # SOFTHSM2_CONF, the module, the token label, the key id, the pinned public key
 # and the PIN variable. Running it again reuses the token and the key.
+# LAP_PKCS11_TOOL selects the pkcs11-tool (and goes into signer.env); the token
+# is read and the key made through this checkout's lap-pkcs11.
 # Development only: the PIN sits in DIR/signer.env (mode 0600).
 set -Eeuo pipefail
 
@@ -36,25 +38,20 @@ env_value() {
   return 1
 }
 
-# The 64-hex public key of the key with id KEY_ID, from the token's listing.
-public_key_hex() {
-  local module=$1 line point="" id=""
-  while IFS= read -r line; do
-    case $line in
-      "Public Key Object"*) [[ $id == "$KEY_ID" && -n $point ]] && break; point=""; id="" ;;
-      *EC_POINT:*) point=${line##* } ;;
-      *ID:*) id=${line##* } ;;
-    esac
-  done < <(pkcs11-tool --module "$module" --token-label "$TOKEN_LABEL" --list-objects \
-             --type pubkey 2>/dev/null)
-  [[ $id == "$KEY_ID" && -n $point ]] || abort "no public key with id $KEY_ID on $TOKEN_LABEL"
-  printf '%s\n' "${point: -64}"
+# lap-pkcs11 of this checkout's venv (VENV, default .venv), else the one on PATH.
+find_lap() {
+  local root venv
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  venv=${VENV:-$root/.venv}
+  if [[ -x $venv/bin/lap-pkcs11 ]]; then printf '%s\n' "$venv/bin/lap-pkcs11"; return 0; fi
+  command -v lap-pkcs11 || abort "lap-pkcs11 not found; run scripts/setup.sh first"
 }
 
 main() {
   [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; return 0; }
   command -v softhsm2-util >/dev/null || abort "softhsm2-util not found; apt-get install softhsm2"
-  command -v pkcs11-tool >/dev/null || abort "pkcs11-tool not found; apt-get install opensc"
+  command -v "${LAP_PKCS11_TOOL:-pkcs11-tool}" >/dev/null \
+    || abort "${LAP_PKCS11_TOOL:-pkcs11-tool} not found; apt-get install opensc"
   local dir=${1:-./.softhsm} module pin
   umask 077
   mkdir -p "$dir/tokens"
@@ -69,19 +66,21 @@ main() {
     pin=$(od -An -N8 -tu8 /dev/urandom | tr -dc 0-9 | cut -c1-8)
   fi
   export PKCS11_PIN=$pin
-  if ! pkcs11-tool --module "$module" --list-token-slots 2>/dev/null \
-      | grep -q "token label *: $TOKEN_LABEL\$"; then
+  # lap-pkcs11 reads the token (its parser knows every OpenSC's listing): the key's
+  # public key, or which of token and key is missing. keygen refuses a taken id.
+  local lap_cli public status=0 token=(--module "$module" --token-label "$TOKEN_LABEL")
+  lap_cli=$(find_lap)
+  public=$("$lap_cli" pubkey "${token[@]}" --key-id "$KEY_ID" 2>"$dir/lap.err") || status=$?
+  if ((status != 0)) && grep -q '^lap-pkcs11: TOKEN_NOT_FOUND:' "$dir/lap.err"; then
     softhsm2-util --init-token --free --label "$TOKEN_LABEL" --so-pin "$(od -An -N8 -tu8 /dev/urandom | tr -dc 0-9)" \
       --pin "$PKCS11_PIN" >/dev/null
   fi
-  if ! pkcs11-tool --module "$module" --token-label "$TOKEN_LABEL" --login --pin env:PKCS11_PIN \
-      --list-objects --type privkey 2>/dev/null | grep -q "ID: *$KEY_ID\$"; then
-    pkcs11-tool --module "$module" --token-label "$TOKEN_LABEL" --login --pin env:PKCS11_PIN \
-      --keypairgen --key-type EC:edwards25519 --id "$KEY_ID" --label "$KEY_LABEL" \
-      --usage-sign --sensitive >/dev/null 2>&1 || abort "key generation failed"
+  if ((status != 0)); then
+    grep -q '^lap-pkcs11: \(TOKEN\|KEY\)_NOT_FOUND:' "$dir/lap.err" || abort "$(head -n1 "$dir/lap.err")"
+    public=$("$lap_cli" keygen "${token[@]}" --key-id "$KEY_ID" --key-label "$KEY_LABEL" 2>"$dir/lap.err") \
+      || abort "key generation failed: $(head -n1 "$dir/lap.err")"
   fi
-  local public
-  public=$(public_key_hex "$module")
+  rm -f "$dir/lap.err"
   cat > "$dir/signer.env" <<ENV
 # Development signer settings, written by $PROG. Not for production: the PIN is here.
 SOFTHSM2_CONF=$SOFTHSM2_CONF
@@ -92,6 +91,7 @@ LAP_PKCS11_EXPECT_PUBLIC_KEY=$public
 LAP_PKCS11_PIN_ENV=PKCS11_PIN
 PKCS11_PIN=$PKCS11_PIN
 ENV
+  [[ -z ${LAP_PKCS11_TOOL-} ]] || printf 'LAP_PKCS11_TOOL=%s\n' "$LAP_PKCS11_TOOL" >> "$dir/signer.env"
   cat <<NEXT
 Token $TOKEN_LABEL with Ed25519 key $KEY_ID ($KEY_LABEL) is ready in $dir.
 Public key (LAP_GATEWAY_PUBLIC_KEY_HEX): $public

@@ -32,7 +32,8 @@
 #                             (default $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp,
 #                             in a lap-pkcs11-<uid> directory of its own)
 #   -h, --help                show this help
-# SIGNER_TIMEOUT_SECONDS (the gateway's deadline) caps the deadline, less 250 ms.
+# SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS (the gateway's
+# deadline) caps the deadline, less 250 ms.
 # The env file and the PIN file must be regular files of this user or root that
 # no one else may write (the PIN file: that others cannot read either).
 set -Eeuo pipefail +o posix
@@ -72,7 +73,7 @@ readonly OPTION_TABLE=(
   "pkcs11_tool|--pkcs11-tool|LAP_PKCS11_TOOL|pkcs11-tool"
   "expect_public_key|--expect-public-key|LAP_PKCS11_EXPECT_PUBLIC_KEY LAP_GATEWAY_PUBLIC_KEY_HEX|"
   "lock_dir|--lock-dir|LAP_PKCS11_LOCK_DIR|"
-  "caller_timeout_ms||SIGNER_TIMEOUT_SECONDS|"
+  "caller_timeout_ms||SIGNER_TIMEOUT_SECONDS LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS|"
 )
 readonly SCRUBBED_ENV=(OPENSC_DEBUG PKCS11SPY PKCS11SPY_OUTPUT)
 readonly GATEWAY_MARKERS=(LAP_GATEWAY_SIGNING_CMD LAP_GATEWAY_KEYSET_JSON LAP_GATEWAY_KEYSET_FILE)
@@ -489,7 +490,10 @@ resolve() {
 check_gateway_input() {
   [[ ${SRC[input]} == default ]] || return 0
   local name started=""
-  [[ ${SIGNER_MODE-} == external ]] && started=1
+  local mode=${SIGNER_MODE-}
+  trim mode
+  # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
+  case ${mode,,} in external|cmd|command) started=1 ;; esac
   for name in "${GATEWAY_MARKERS[@]}"; do [[ -n ${!name-} ]] && started=1; done
   [[ -z $started ]] || fail CONFIG_INVALID "started by the LAP gateway, which sends base64(message), but --input is not set; add --input base64 to SIGNER_CMD (or set --input raw explicitly)"
 }
@@ -498,7 +502,7 @@ set_deadline() {
   local deadline=${VAL[timeout_ms]} caller
   if [[ -v VAL[caller_timeout_ms] ]]; then
     caller=$((VAL[caller_timeout_ms] - CALLER_MARGIN_MS))
-    ((caller >= MIN_DEADLINE_MS)) || fail CONFIG_INVALID "SIGNER_TIMEOUT_SECONDS leaves less than $MIN_DEADLINE_MS ms after the $CALLER_MARGIN_MS ms start-up margin; give the gateway's signer a longer timeout"
+    ((caller >= MIN_DEADLINE_MS)) || fail CONFIG_INVALID "${SRC[caller_timeout_ms]#*:} leaves less than $MIN_DEADLINE_MS ms after the $CALLER_MARGIN_MS ms start-up margin; give the gateway's signer a longer timeout"
     ((caller < deadline)) && deadline=$caller
     CALLER_END_US=$((START_US + VAL[caller_timeout_ms] * 1000))
   fi
@@ -1099,17 +1103,22 @@ classify() {
   case $err in
     *"Failed to load pkcs11 module"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module and the module's own configuration" ;;
     *"sc_dlopen failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module" ;;
+    *"sc_dlopen_deep failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module cannot be loaded; check --module" ;;
     *"C_Initialize failed"*) fail MODULE_LOAD_FAILED "the PKCS#11 module failed to initialise; check its configuration (e.g. SOFTHSM2_CONF)" ;;
     *CKR_PIN_INCORRECT*) remember_rejected_pin; fail PIN_INCORRECT "the token rejected the PIN; fix the PIN (real tokens lock after a few wrong tries)" ;;
     *CKR_PIN_LEN_RANGE*) fail PIN_INCORRECT "the token rejected the PIN's length; fix the PIN" ;;
     *CKR_PIN_LOCKED*) fail PIN_LOCKED "the user PIN is locked; unlock it with the SO PIN" ;;
     *CKR_PIN_EXPIRED*) fail PIN_LOCKED "the user PIN has expired; set a new one" ;;
+    *"Token not initialized"*|*CKR_TOKEN_NOT_RECOGNIZED*) fail TOKEN_NOT_FOUND "the selected slot holds no initialised token; check the token selector (pkcs11-tool --list-token-slots)" ;;
     *"No slot with token named"*) fail TOKEN_NOT_FOUND "no token with that label; check --token-label (pkcs11-tool --list-slots)" ;;
     *CKR_SLOT_ID_INVALID*) fail TOKEN_NOT_FOUND "no such slot; check --slot (pkcs11-tool --list-slots)" ;;
     *CKR_TOKEN_NOT_PRESENT*) fail TOKEN_NOT_FOUND "no token in that slot; insert it or fix the slot" ;;
     *"is not available"*) fail TOKEN_NOT_FOUND "no token at that slot index; check --slot-index (pkcs11-tool --list-slots)" ;;
     *"No slot"*) fail TOKEN_NOT_FOUND "no usable token; check the token selector (pkcs11-tool --list-slots)" ;;
+    *"Private/secret key not found"*) fail KEY_NOT_FOUND "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)" ;;
     *"key not found"*) fail KEY_NOT_FOUND "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)" ;;
+    *"Key has no EC_PARAMS attribute"*) fail MECHANISM_UNSUPPORTED "the key has no EC parameters, so it is not an Ed25519 key; select an Ed25519 key" ;;
+    *"Unknown or unsupported EC curve"*) fail MECHANISM_UNSUPPORTED "the key is on a curve pkcs11-tool cannot sign EdDSA with; select an Ed25519 key" ;;
     *CKR_MECHANISM_INVALID*) fail MECHANISM_UNSUPPORTED "the token cannot do this mechanism; check --mechanism and the key type" ;;
     *CKR_KEY_TYPE_INCONSISTENT*) fail MECHANISM_UNSUPPORTED "the key's type does not fit the mechanism; use an Ed25519 key with EDDSA" ;;
     *CKR_KEY_FUNCTION_NOT_PERMITTED*) fail MECHANISM_UNSUPPORTED "the key may not sign (CKA_SIGN is false); use a signing key" ;;
@@ -1133,32 +1142,51 @@ resolve_key_id() {
   if [[ -v VAL[key_id] ]]; then KEY_ID=${VAL[key_id]}; return 0; fi
   run_tool "$SIG_FD" "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --list-objects --type privkey
   ((STATUS == 0)) || classify
-  local line field value in_key="" label="" id="" have_label="" ids=()
+  local line field="" value in_key="" label="" id="" have_label="" ids=()
   local wanted=${VAL[key_label]}
+  # The listing of every OpenSC from 0.23 to 0.27, read as lap_pkcs11/tool.py's
+  # parse_objects reads it: an object starts at a line with no indent, fields are
+  # "  name: value", a line indented deeper continues the field before it (0.27
+  # wraps values over 32 bytes). Ids become lowercase hex, "?" when unreadable.
   finish_key() {
-    [[ -n $in_key && -n $have_label && $label == "$wanted" ]] && ids+=("${id:-?}")
-    in_key="" label="" id="" have_label=""
+    if [[ -n $in_key && -n $have_label && $label == "$wanted" ]]; then
+      # 0.27 prints ids of at most 4 bytes that are not zero as "258 (0x01:02)".
+      if [[ $id =~ ^([0-9]+)\ \(0x([0-9a-fA-F:]+)\)$ ]]; then
+        id=${BASH_REMATCH[2]//:/}
+        [[ ${#id} -le 8 && ${#BASH_REMATCH[1]} -le 10 ]] && ((16#${id:-0} == 10#${BASH_REMATCH[1]})) || id="?"
+      fi
+      id=${id//[:[:space:]]/}
+      id=${id,,}
+      [[ $id =~ ^([0-9a-f]{2})+$ ]] || id="?"
+      ids+=("$id")
+    fi
+    in_key="" label="" id="" have_label="" field=""
   }
   while IFS= read -r line; do
-    if [[ $line == "Private Key Object"* ]]; then
+    if [[ -z ${line//[[:space:]]/} ]]; then
+      continue
+    elif [[ $line != " "* ]]; then
       finish_key
-      in_key=1
-    elif [[ -n $in_key && $line == "  "* ]]; then
+      [[ $line == "Private Key Object"* ]] && in_key=1
+    elif [[ -z $in_key ]]; then
+      continue
+    elif [[ $line == "   "* && -n $field ]]; then
+      [[ $field == ID ]] && id+=" ${line#"${line%%[![:space:]]*}"}"
+    else
       field=${line#"${line%%[![:space:]]*}"}
       value=${field#*:}
       field=${field%%:*}
       trim value
       [[ $field == label ]] && label=$value && have_label=1
       [[ $field == ID ]] && id=$value
-    else
-      finish_key
     fi
   done < "/dev/fd/$SIG_FD"
   finish_key
   ((${#ids[@]} > 0)) || fail KEY_NOT_FOUND "no private key labelled '$wanted' on the token; check --key-label (lap-pkcs11 doctor)"
   local unique
   unique=$(printf '%s\n' "${ids[@]}" | sort -u)
-  [[ $unique != *$'\n'* && $unique != "?" ]] || fail KEY_NOT_FOUND "the label '$wanted' is not unique on the token; select the key with --key-id"
+  [[ $unique != *"?"* ]] || fail KEY_NOT_FOUND "a private key labelled '$wanted' shows no ID that lap-pkcs11 can read; select the key with --key-id"
+  [[ $unique != *$'\n'* ]] || fail KEY_NOT_FOUND "the label '$wanted' is not unique on the token; select the key with --key-id"
   KEY_ID=$unique
 }
 

@@ -4,12 +4,14 @@
 # The post-deployment smoke test: signs a random message through the signer
 # command exactly as the LAP gateway does (the command string split like
 # Python's shlex.split and run without a shell; base64(message) and a newline
-# on stdin; stdout stripped and base64-decoded to 64 bytes; killed after
-# SIGNER_TIMEOUT_SECONDS, default 2.0), then verifies the signature with
+# on stdin; stdout stripped and base64-decoded to 64 bytes; killed after the
+# gateway's timeout, default 2.0 s), then verifies the signature with
 # `openssl pkeyutl -verify -rawin`. Prints one PASS or FAIL line with the
 # latency; the exit status follows (0 pass, 1 fail, 64 usage).
 #
-# SIGNER_CMD: the argument, else the SIGNER_CMD variable.
+# SIGNER_CMD: the argument, else LAP_GATEWAY_SIGNING_CMD (killed after
+# LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS), else SIGNER_CMD (killed after
+# SIGNER_TIMEOUT_SECONDS); an argument is killed after whichever of the two is set.
 # Public key: --pubkey FILE (from `lap-pkcs11 pubkey --format pem`), else
 # LAP_GATEWAY_PUBLIC_KEY_HEX, else LAP_PKCS11_EXPECT_PUBLIC_KEY (64 hex characters).
 # Needs bash, coreutils and openssl besides the signer.
@@ -78,12 +80,15 @@ main() {
       *) [[ -z $command ]] || abort "one SIGNER_CMD only (quote it)"; command=$1; shift ;;
     esac
   done
+  local timeout=${SIGNER_TIMEOUT_SECONDS:-${LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS:-2.0}} dir
+  if [[ -z $command && -n ${LAP_GATEWAY_SIGNING_CMD-} ]]; then
+    command=$LAP_GATEWAY_SIGNING_CMD timeout=${LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS:-2.0}
+  fi
   command=${command:-${SIGNER_CMD-}}
-  [[ -n $command ]] || abort "no signer command: pass it as an argument or set SIGNER_CMD"
+  [[ -n $command ]] || abort "no signer command: pass it as an argument or set LAP_GATEWAY_SIGNING_CMD"
   command -v openssl >/dev/null || abort "openssl not found; apt-get install openssl"
   split_command "$command" || abort "SIGNER_CMD does not split: $REPLY"
   ((${#WORDS[@]} > 0)) || abort "SIGNER_CMD is empty"
-  local timeout=${SIGNER_TIMEOUT_SECONDS:-2.0} dir
   dir=$(mktemp -d "${TMPDIR:-/tmp}/lap-smoke.XXXXXX")
   # shellcheck disable=SC2064 # expand dir now: it is local
   trap "rm -rf -- '$dir'" EXIT

@@ -3,6 +3,11 @@
 Every token lives in the test's own temporary directory with its own
 SOFTHSM2_CONF, so tests never share state. The tools are required: when
 softhsm2 or opensc is missing or broken the tests fail, they do not skip.
+
+``LAP_TEST_PKCS11_TOOL`` selects the pkcs11-tool under test (e.g. one built from
+an OpenSC release tag; default: Debian's on PATH). The fixtures use it, and each
+token's environment carries it as ``LAP_PKCS11_TOOL``, so the signers use the
+same binary. Listings are read with the package's own parser.
 """
 
 import base64
@@ -18,6 +23,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lap_pkcs11.token import parse_slots
+from lap_pkcs11.tool import parse_objects
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOOL = ROOT / "tests" / "fakes" / "fake-pkcs11-tool"
 SHELL_SIGNER = ROOT / "scripts" / "pkcs11_signer.sh"
@@ -27,6 +35,9 @@ MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so",
 USER_PIN = "246813"
 SO_PIN = "97531864"
 TOKEN_LABEL = "lap-test"
+
+# The pkcs11-tool under test, read before the LAP_ variables are dropped below.
+TEST_TOOL = os.environ.get("LAP_TEST_PKCS11_TOOL", "")
 
 # Variables of the outer environment that would change what a signer does.
 _LEAKY = re.compile(r"^(LAP_|SIGNER_|PKCS11|SOFTHSM2_CONF$|OPENSC|XDG_RUNTIME_DIR$|RUNTIME_DIRECTORY$)")
@@ -43,6 +54,19 @@ def require(program):
     path = shutil.which(program)
     assert path, f"{program} not found: apt-get install opensc softhsm2"
     return path
+
+
+def pkcs11_tool():
+    """The pkcs11-tool under test: $LAP_TEST_PKCS11_TOOL, else Debian's on PATH.
+
+    A selected version that is not built here skips the test that needs it, saying so.
+    """
+    if not TEST_TOOL:
+        return require("pkcs11-tool")
+    if not (os.path.isfile(TEST_TOOL) and os.access(TEST_TOOL, os.X_OK)):
+        pytest.skip(f"LAP_TEST_PKCS11_TOOL={TEST_TOOL} is not present here "
+                    "(.ci/opensc.sh build makes the OpenSC release builds)")
+    return TEST_TOOL
 
 
 def run_checked(argv, env, **kwargs):
@@ -73,12 +97,14 @@ class Token:
         self.env = clean_environment(home)
         self.env["SOFTHSM2_CONF"] = str(self.conf)
         self.env["PKCS11_PIN"] = USER_PIN
+        if TEST_TOOL:
+            self.env["LAP_PKCS11_TOOL"] = pkcs11_tool()
         run_checked([require("softhsm2-util"), "--init-token", "--free", "--label", label,
                      "--so-pin", SO_PIN, "--pin", USER_PIN], self.env)
 
     def tool(self, *args, stdin=None):
         """Run the real pkcs11-tool against this token, logged in."""
-        argv = [require("pkcs11-tool"), "--module", self.module, "--token-label", self.label,
+        argv = [pkcs11_tool(), "--module", self.module, "--token-label", self.label,
                 "--login", "--pin", "env:PKCS11_PIN", *args]
         return run_checked(argv, self.env, input=stdin)
 
@@ -105,17 +131,18 @@ class Token:
         """The 32-byte public key with this CKA_ID, read from the token's listing."""
         # pkcs11-tool 0.23 ignores --id when listing, so pick the object here.
         listing = self.tool("--list-objects", "--type", "pubkey").stdout.decode()
-        for block in listing.split("Public Key Object")[1:]:
-            if re.search(rf"^\s+ID:\s+{key_id}$", block, re.M):
-                raw = bytes.fromhex(re.search(r"EC_POINT:\s+([0-9a-f]+)", block).group(1))
-                return raw[2:] if len(raw) == 34 and raw[:2] == b"\x04\x20" else raw
-        raise AssertionError(f"no public key with id {key_id} on the token")
+        found = [obj for obj in parse_objects(listing) if obj.kind == "public key"
+                 and obj.id == key_id]
+        assert len(found) == 1, f"{len(found)} public keys with id {key_id} on the token"
+        return found[0].public_key()
 
     def slot_id(self):
         """The token's current slot id (SoftHSM picks a new one at every init)."""
-        listing = run_checked([require("pkcs11-tool"), "--module", self.module, "--list-slots"],
+        listing = run_checked([pkcs11_tool(), "--module", self.module, "--list-token-slots"],
                               self.env).stdout.decode()
-        return int(re.search(r"^Slot 0 \((0x[0-9a-f]+)\)", listing, re.M).group(1), 16)
+        slots = [slot for slot, label in parse_slots(listing) if label == self.label]
+        assert len(slots) == 1, listing
+        return int(slots[0], 16)
 
     def args(self, key_id="01"):
         return ["--module", self.module, "--token-label", self.label, "--key-id", key_id]

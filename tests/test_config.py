@@ -92,3 +92,8 @@ def test_caller_deadline_caps_our_own(tmp_path):
     assert config.resolve({}, dict(base, SIGNER_TIMEOUT_SECONDS="30")).deadline_ms() == 1500
     with pytest.raises(errors.ConfigInvalid):
         config.resolve({}, dict(base, SIGNER_TIMEOUT_SECONDS="0.25")).deadline_ms()
+    gateway = dict(base, LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS="1.0")
+    assert config.resolve({}, gateway).deadline_ms() == 750
+    with pytest.raises(errors.ConfigInvalid, match="LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"):
+        config.resolve({}, dict(base, LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS="0.25")
+                       ).deadline_ms()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import FAKE_TOOL, ROOT, USER_PIN, gateway_decode, verify
+from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, gateway_decode, pkcs11_tool, verify
+from lap_pkcs11 import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 SEED = bytes(range(32))
@@ -73,11 +74,14 @@ def test_pubkey_pem_verifies_with_openssl(any_key, tmp_path):
                    check=True, capture_output=True)
 
 
-def test_trusted_keys_entry(any_key):
+def test_trusted_keys_registry(any_key):
+    """The wrapped registry: the shape the gateway's schema accepts for trusted_keys.json
+    (tests/test_gateway_e2e.py checks it with the gateway's own schema and verifier)."""
     token, public = any_key
-    entry = json.loads(lap(token, "pubkey", *token.args(), "--format", "trusted-keys",
-                           "--kid", "gw-2026").stdout)
-    assert entry == {"gw-2026": {"public_key_hex": public.hex(), "status": "active"}}
+    registry = json.loads(lap(token, "pubkey", *token.args(), "--format", "trusted-keys",
+                              "--kid", "gw-2026").stdout)
+    assert registry == {"version": 1,
+                        "keys": {"gw-2026": {"public_key_hex": public.hex(), "status": "active"}}}
 
 
 def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
@@ -88,6 +92,8 @@ def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
     entry = keyset["keys"]["gw.1"]
     assert entry["public_key_hex"] == public.hex()
     assert entry["timeout_seconds"] == 2.0
+    # The signer cannot see timeout_seconds: the command carries the matching deadline.
+    assert "--timeout-ms 1500" in entry["signing_cmd"]
     assert USER_PIN not in entry["signing_cmd"]
     message = b"\x00receipt\x00" * 50
     # The gateway: shlex.split, no shell, base64 + newline on stdin, its whole environment.
@@ -98,8 +104,77 @@ def test_keyset_signing_cmd_works_as_the_gateway_runs_it(any_key):
     verify(bytes.fromhex(entry["public_key_hex"]), message, gateway_decode(result.stdout))
 
 
+def signer_env_file(token, extra=""):
+    """The signer's settings in an env file, as the README's /etc/lap-pkcs11/signer.env."""
+    path = token.home / "signer.env"
+    path.write_text(f"SOFTHSM2_CONF={token.conf}\nLAP_PKCS11_MODULE={token.module}\n"
+                    f"LAP_PKCS11_TOKEN_LABEL={token.label}\nLAP_PKCS11_KEY_ID=01\n{extra}")
+    return path
+
+
+def test_keyset_deadline_follows_the_configured_timeout(keyed):
+    token, public = keyed
+    env_file = signer_env_file(token, "LAP_PKCS11_TIMEOUT_MS=3000\n")
+    keyset = json.loads(lap(token, "pubkey", "--env-file", str(env_file), "--format", "keyset",
+                            "--kid", "k").stdout)
+    entry = keyset["keys"]["k"]
+    assert entry["timeout_seconds"] == 3.5
+    words = shlex.split(entry["signing_cmd"])
+    assert words[words.index("--timeout-ms") + 1] == "3000"
+    # Settings from the env file stay in it; the command names the file.
+    assert "--module" not in words and words[words.index("--env-file") + 1] == str(env_file)
+
+
+def gateway_env(text):
+    """The lines as systemd's EnvironmentFile= would load them (sh reads them alike)."""
+    values = envfile.parse(text)
+    shell = subprocess.run(["bash", "-c", 'set -a; . /dev/stdin; for n in "$@"; do '
+                            'printf "%s=%s\\0" "$n" "${!n}"; done', "_", *values],
+                           input=text.encode(), capture_output=True, check=True).stdout
+    assert dict(item.split("=", 1) for item in shell.decode().split("\0")[:-1]) == values
+    return values
+
+
+@pytest.mark.parametrize("kid", [None, "gw-1"])
+def test_gateway_env_is_a_complete_hard_key_configuration(keyed, kid):
+    token, public = keyed
+    env_file = signer_env_file(token)
+    args = ["pubkey", "--env-file", str(env_file), "--format", "gateway-env"]
+    result = lap(token, *args, *(["--kid", kid] if kid else []))
+    assert result.returncode == 0, result.stderr
+    values = gateway_env(result.stdout.decode())
+    assert list(values) == ["LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_PUBLIC_KEY_HEX",
+                            "LAP_GATEWAY_SIGNING_KEY_ID", "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"]
+    assert values["LAP_GATEWAY_PUBLIC_KEY_HEX"] == public.hex()
+    assert values["LAP_GATEWAY_SIGNING_KEY_ID"] == (kid or "gateway")
+    assert values["LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"] == "2.0"
+    words = shlex.split(values["LAP_GATEWAY_SIGNING_CMD"])
+    assert words[1:4] == ["sign", "--input", "base64"] and "--timeout-ms" not in words
+    assert words[words.index("--expect-public-key") + 1] == public.hex()
+    assert USER_PIN not in result.stdout.decode()
+    # The gateway: shlex.split, no shell, base64 + newline, its whole environment.
+    env = {**{k: v for k, v in token.env.items() if k != "SOFTHSM2_CONF"}, **values}
+    message = b"\x00token\x00" * 60
+    signed = subprocess.run(words, input=base64.b64encode(message) + b"\n", env=env,
+                            capture_output=True, timeout=2.0 * 10)
+    assert signed.returncode == 0, signed.stderr
+    verify(public, message, gateway_decode(signed.stdout))
+
+
+def test_gateway_env_refuses_what_environment_files_read_differently(keyed):
+    token, _ = keyed
+    odd = token.home / "a$b"
+    odd.mkdir()
+    env_file = signer_env_file(token)
+    (odd / "signer.env").write_text(env_file.read_text())
+    result = lap(token, "pubkey", "--env-file", str(odd / "signer.env"), "--format",
+                 "gateway-env")
+    assert_error(result, "CONFIG_INVALID", 64)
+
+
 @pytest.mark.parametrize("args, name, code", [
     (["--format", "keyset"], "CONFIG_INVALID", 64),
+    (["--format", "gateway-env", "--kid", "no spaces"], "CONFIG_INVALID", 64),
     (["--format", "trusted-keys", "--kid", "bad kid!"], "CONFIG_INVALID", 64),
     (["--format", "der"], "CONFIG_INVALID", 64),
 ])
@@ -142,6 +217,27 @@ def test_keygen_refuses_a_taken_id_or_label_and_changes_nothing(keyed, key_id, l
     assert listing(token) == before
 
 
+@pytest.mark.parametrize("listing", [
+    "Private Key Object; EC_EDWARDS\n  label:      x\n  ID:         1 (0x02)\n",
+    "Private Key Object; EC_EDWARDS\n  label:      x\n  Usage:      sign\n",
+    "Private Key Object; EC_EDWARDS\n  Key label:  lap-key\n  ID:         07\n",
+    "Private key 07 'lap-key'\n",
+], ids=["inconsistent id", "no id", "unknown field", "unknown line"])
+def test_keygen_fails_closed_on_a_listing_it_cannot_read(token, listing):
+    """Nothing is generated unless the listing proves the id and label free."""
+    (token.home / "listing").write_text(listing)
+    record = token.home / "record"
+    env = dict(token.env, FAKE_MODE="listing", FAKE_LISTING=str(token.home / "listing"),
+               FAKE_RECORD=str(record))
+    result = lap(token, "keygen", "--module", token.module, "--token-label", token.label,
+                 "--key-id", "01", "--key-label", "lap-key", "--pkcs11-tool", str(FAKE_TOOL),
+                 env=env)
+    assert_error(result, "KEY_EXISTS", 73)
+    assert "cannot prove" in result.stderr.decode()
+    assert "arg=--list-objects" in record.read_text()
+    assert "--keypairgen" not in record.read_text()
+
+
 def test_keygen_needs_id_and_label(token):
     result = lap(token, "keygen", "--module", token.module, "--key-id", "01")
     assert_error(result, "CONFIG_INVALID", 64)
@@ -165,6 +261,19 @@ def test_doctor_passes_on_a_good_token(keyed):
     assert report["signing_latency_ms"] > 0
     human = lap(token, "doctor", *token.args())
     assert human.returncode == 0 and b"PASS  test signature verifies" in human.stdout
+
+
+def test_doctor_reports_the_configured_tools_version(keyed):
+    """The version of the pkcs11-tool in use (from the opensc-tool beside it), not PATH's."""
+    token, _ = keyed
+    tool = Path(pkcs11_tool()).resolve()
+    version = subprocess.run([tool.parent / "opensc-tool", "--info"], capture_output=True,
+                             text=True, check=True).stdout.split("[")[0].strip()
+    _, report = doctor(token, *token.args(), "--pkcs11-tool", str(tool))
+    assert report["checks"][0]["detail"] == f"{tool} ({version})"
+    _, report = doctor(token, *token.args(), "--pkcs11-tool", str(FAKE_TOOL),
+                       env=dict(token.env, FAKE_MODE="passthrough"))
+    assert report["checks"][0]["detail"].endswith("(version unknown: no opensc-tool beside it)")
 
 
 @pytest.mark.parametrize("case, failing, code", [
@@ -238,6 +347,9 @@ def test_config_shows_sources_and_never_the_pin(keyed):
 def test_dev_softhsm_then_sign(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAP_", "PKCS11", "SOFTHSM"))}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    env["VENV"] = str(Path(sys.executable).parent.parent)  # the script's lap-pkcs11 is this one
+    if TEST_TOOL:
+        env["LAP_PKCS11_TOOL"] = pkcs11_tool()
     script = ROOT / "scripts" / "dev-softhsm.sh"
     first = subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True,
                            text=True, check=True)
@@ -248,6 +360,7 @@ def test_dev_softhsm_then_sign(tmp_path):
     assert oct(signer_env.stat().st_mode & 0o777) == "0o600"
     subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True, check=True)
     assert pinned in signer_env.read_text()  # a second run keeps the token and the key
+    assert (f"LAP_PKCS11_TOOL={pkcs11_tool()}" in signer_env.read_text()) == bool(TEST_TOOL)
     message = b"dev message"
     result = subprocess.run([LAP, "sign", "--env-file", signer_env], input=message, env=env,
                             cwd=tmp_path, capture_output=True)

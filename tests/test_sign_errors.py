@@ -213,8 +213,10 @@ def test_timeout_falls_before_the_gateway_kills_us(signer, keyed):
     assert_failure(result, "TIMEOUT", 75)
 
 
-@pytest.mark.parametrize("marker", [("SIGNER_MODE", "external"),
-                                    ("LAP_GATEWAY_SIGNING_CMD", "lap-pkcs11 sign")])
+@pytest.mark.parametrize("marker", [("SIGNER_MODE", "external"), ("SIGNER_MODE", " External "),
+                                    ("SIGNER_MODE", "CMD"), ("SIGNER_MODE", "command\n"),
+                                    ("LAP_GATEWAY_SIGNING_CMD", "lap-pkcs11 sign"),
+                                    ("LAP_GATEWAY_KEYSET_JSON", "{}")])
 def test_gateway_without_input_base64_is_config_invalid(signer, keyed, marker):
     """Signing the gateway's base64 text as raw bytes would pass every check but the audit."""
     token, public = keyed
@@ -223,6 +225,46 @@ def test_gateway_without_input_base64_is_config_invalid(signer, keyed, marker):
     assert_failure(signer(token.args(), stdin, env=env, cwd=token.home), "CONFIG_INVALID", 64)
     explicit = signer([*token.args(), "--input", "raw"], stdin, env=env, cwd=token.home)
     assert explicit.returncode == 0, explicit.stderr
+
+
+@pytest.mark.parametrize("mode", ["file", "software", "inproc", "externally", ""])
+def test_modes_that_do_not_run_an_external_signer_need_no_input_flag(signer, keyed, mode):
+    """The gateway runs SIGNER_CMD only for external, cmd and command (any case, trimmed)."""
+    token, public = keyed
+    env = dict(token.env, SIGNER_MODE=mode)
+    result = signer(token.args(), MESSAGE, env=env, cwd=token.home)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gateway_signing_cmd_timeout_caps_the_deadline(signer, keyed):
+    """LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS is the gateway's deadline in that configuration."""
+    token, _ = keyed
+    env, args = fake(token, "hang")
+    env["LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"] = "1.2"
+    result = signer([*args, "--timeout-ms", "60000", "--input", "raw"], MESSAGE, env=env,
+                    cwd=token.home, timeout=1.2)
+    assert_failure(result, "TIMEOUT", 75)
+    env["LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"] = "0.2"
+    result = signer([*args, "--input", "raw"], MESSAGE, env=env, cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+    assert b"LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["--key-id", "--key-label"])
+def test_uninitialised_slot_is_token_not_found(signer, keyed, how):
+    """SoftHSM2 always offers one slot without a token; signing there is not SIGNING_FAILED."""
+    token, _ = keyed
+    key = ["--key-id", "01"] if how == "--key-id" else ["--key-label", "lap-key"]
+    args = ["--module", token.module, "--slot-index", "1", *key]
+    assert_failure(signer(args, MESSAGE, env=token.env, cwd=token.home), "TOKEN_NOT_FOUND", 69)
+
+
+@pytest.mark.parametrize("key_type, key_id", [("rsa:1024", "05"), ("EC:prime256v1", "06")])
+def test_a_key_that_is_not_ed25519_is_mechanism_unsupported(signer, token, key_type, key_id):
+    """0.26+ check the key before EdDSA signing; 0.23 fails in the token. Same name for both."""
+    token.tool("--keypairgen", "--key-type", key_type, "--id", key_id, "--label", key_type)
+    assert_failure(signer(token.args(key_id), MESSAGE, env=token.env, cwd=token.home),
+                   "MECHANISM_UNSUPPORTED", 69)
 
 
 def test_help_goes_to_stdout_and_names_every_flag(signer):

@@ -187,9 +187,11 @@ def test_signer_errors_reach_the_client_unchanged(keyed, activated, tmp_path, ca
     assert_failure(result, name, code, pin="000000")
 
 
-def test_client_deadline_reaches_the_signer(keyed, activated):
+@pytest.mark.parametrize("caller", ["SIGNER_TIMEOUT_SECONDS",
+                                    "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"])
+def test_client_deadline_reaches_the_signer(keyed, activated, caller):
     server = activated(tool=FAKE_TOOL)
-    env = {"PATH": os.environ["PATH"], "SIGNER_TIMEOUT_SECONDS": "1.0"}
+    env = {"PATH": os.environ["PATH"], caller: "1.0"}
     result = client(server.path, base64.b64encode(b"m") + b"\n", env=env, timeout=1.0)
     assert_failure(result, "TIMEOUT", 75)
 
@@ -341,7 +343,8 @@ def test_every_system_call_of_a_signature_passes_the_unit_filter(keyed, tmp_path
 
 
 @pytest.mark.parametrize("env", [{"LAP_PKCS11_CLIENT_TIMEOUT_MS": "soon"},
-                                 {"SIGNER_TIMEOUT_SECONDS": "0.2"}])
+                                 {"SIGNER_TIMEOUT_SECONDS": "0.2"},
+                                 {"LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS": "0.2"}])
 def test_client_bad_deadline_is_config_invalid(tmp_path, env):
     result = client(tmp_path / "absent.sock", b"aGVsbG8=\n",
                     env={"PATH": os.environ["PATH"], **env})

@@ -1,0 +1,427 @@
+"""End to end with the real LAP gateway, configured exactly as the README says.
+
+The gateway (lattice-audit-protocol, from the archive in ../shared/lap, or
+$LAP_GATEWAY_SRC_DIR) is installed once with its `gateway` extra into a venv
+cached under /var/tmp (or $LAP_TEST_GATEWAY_CACHE), keyed by the archive's
+hash. Each test starts `lap-gateway` on 127.0.0.1 with the README's signer
+env file and either the lines `lap-pkcs11 pubkey --format gateway-env` prints
+(checked to be the README's block) or the README's keyset, runs a tool server
+on 127.0.0.1, and drives sessions, evaluate and invoke over HTTP. Every
+capability token and receipt is checked with the gateway's own verifier
+against the token's public key (and against another key, which must fail);
+the audit log with `lap-verify` and our trusted_keys.json, which also passes
+the gateway's schema check. Then a wrong PIN, a missing token and a hung tool
+each give a deny whose reason carries our error name, and the same gateway
+process signs again once the fault is gone.
+"""
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, pkcs11_tool
+from lap_pkcs11 import envfile
+
+LAP = str(Path(sys.executable).parent / "lap-pkcs11")
+README = ROOT / "README.md"
+ARCHIVE_PATTERN = "lattice-audit-protocol-*.tar.xz"
+API_KEY, AGENT = "e2e-key-1", "e2e_agent"
+# What the README's examples name, and what this test puts in their place.
+README_LAP = "/opt/lap-pkcs11/.venv/bin/lap-pkcs11"
+README_SIGNER_ENV = "/etc/lap-pkcs11/signer.env"
+HEALTH_SECONDS = 60
+# RFC 8032 test 1's public key: a valid key that signed none of this test's artifacts.
+OTHER_KEY = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+
+
+def gateway_archive():
+    """The gateway's source archive: beside the clone, else in $LAP_GATEWAY_SRC_DIR."""
+    for folder in (ROOT.parent / "shared" / "lap", os.environ.get("LAP_GATEWAY_SRC_DIR")):
+        if folder and Path(folder).is_dir():
+            found = sorted(Path(folder).glob(ARCHIVE_PATTERN))
+            if found:
+                return found[-1]
+    return None
+
+
+class Install:
+    """The gateway installed in a venv: its programs, and the source for schemas."""
+
+    def __init__(self, home):
+        self.home = home
+        self.bin = home / "venv" / "bin"
+        self.source = next(path for path in (home / "src").iterdir() if path.is_dir())
+        self.schemas = self.source / "spec" / "schemas"
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    archive = gateway_archive()
+    if archive is None:
+        pytest.skip(f"the LAP gateway's archive ({ARCHIVE_PATTERN}) is in neither "
+                    f"{ROOT.parent / 'shared' / 'lap'} nor $LAP_GATEWAY_SRC_DIR")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("LAP_TEST_GATEWAY_CACHE", "/var/tmp/lap-pkcs11-gateway"))
+    cache.mkdir(parents=True, exist_ok=True)
+    home = cache / f"{digest}-py{sys.version_info[0]}{sys.version_info[1]}"
+    with open(cache / f"{home.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs build it once
+        if not (home / "ready").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            (home / "src").mkdir(parents=True)
+            subprocess.run(["tar", "-xJf", archive, "-C", home / "src"], check=True)
+            source = next(path for path in (home / "src").iterdir() if path.is_dir())
+            subprocess.run([sys.executable, "-m", "venv", home / "venv"], check=True)
+            pip = subprocess.run([home / "venv" / "bin" / "python", "-m", "pip", "install", "-q",
+                                  "--disable-pip-version-check", f"{source}[gateway]"],
+                                 capture_output=True, text=True, timeout=900)
+            assert pip.returncode == 0, f"installing the gateway failed:\n{pip.stderr[-3000:]}"
+            (home / "ready").write_text(f"{archive.name} {digest}\n")
+    return Install(home)
+
+
+class ToolServer:
+    """The tool behind the gateway: answers every POST with what it got, counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                size = int(self.headers.get("Content-Length") or 0)
+                body = json.dumps({"ok": True, "received": json.loads(self.rfile.read(size) or b"{}")})
+                owner.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def tool_server():
+    server = ToolServer()
+    yield server
+    server.close()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RunningGateway:
+    """`lap-gateway` on 127.0.0.1 with a given environment, and an HTTP client for it."""
+
+    def __init__(self, install, env, workdir):
+        self.log_path = workdir / "gateway.log"
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [install.bin / "lap-gateway", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        deadline = time.monotonic() + HEALTH_SECONDS
+        while True:
+            assert self.process.poll() is None, f"the gateway exited:\n{self.log()}"
+            try:
+                status, body = self.call("GET", "/v1/health", timeout=2)
+                if status == 200 and body.get("status") == "healthy":
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"the gateway did not become healthy:\n{self.log()}"
+            time.sleep(0.2)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def call(self, method, path, payload=None, headers=None, timeout=60):
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers={
+            "Content-Type": "application/json", "X-Api-Key": API_KEY, "X-Agent-Id": AGENT,
+            **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(10)
+
+
+def evidence(action_id):
+    """Evidence the gateway approves at T2 (as its own demo sends)."""
+    return {
+        "action_id": action_id,
+        "description": "lap-pkcs11 end-to-end test action; long enough to pass the evidence "
+                       "quality minimum of the gateway.",
+        "timestamp_utc": "2026-01-13T00:00:00Z",
+        "irreversibility": {"score": 0.35, "reversibility_plan": "Nothing outside the test "
+                                                                "changes; the test deletes it."},
+        "outcome_delta": {"summary": "A local echo tool; no side effects."},
+        "necessity_confidence": 0.9, "novelty_loss_estimate": 0.0, "novelty_method": "none",
+        "suffering_risk_estimate": 0.1, "suffering_method": "heuristic",
+        "provenance": {"test": True}, "alternatives": [{"description": "Skip the tool call."}],
+        "attestations": [],
+    }
+
+
+class Agent:
+    """Drives the gateway as an agent does; keeps every token and receipt it got."""
+
+    def __init__(self, running):
+        self.gateway = running
+        self.tokens, self.receipts, self.count = [], [], 0
+        status, body = running.call("POST", "/v1/session/new", {"ttl_seconds": 3600})
+        assert status == 200, body
+        self.headers = {"X-Session-Id": body["session_id"]}
+
+    def evaluate(self):
+        self.count += 1
+        status, body = self.gateway.call("POST", "/v1/evaluate", evidence(f"E2E_{self.count}"),
+                                         self.headers)
+        assert status == 200, body
+        return body
+
+    def tool_call(self):
+        """evaluate, then invoke with the token; both must succeed."""
+        decision = self.evaluate()
+        assert decision["outcome"] == "approve" and decision.get("capability_token"), decision
+        token = decision["capability_token"]
+        status, body = self.gateway.call("POST", "/v1/tools/http/invoke", {
+            "tool_name": "http", "operation": "execute", "params": {"n": self.count},
+            "capability_token": token, "nonce": f"nonce-{self.count}"}, self.headers)
+        assert status == 200 and body.get("success") and body.get("receipt"), body
+        self.tokens.append(token)
+        self.receipts.append(body["receipt"])
+
+    def denied(self, name):
+        """evaluate must be denied for a signer failure that carries our error NAME."""
+        decision = self.evaluate()
+        assert decision["outcome"] == "deny" and not decision.get("capability_token"), decision
+        assert decision["reason"].startswith("SIGNER_UNAVAILABLE: "), decision["reason"]
+        assert f"lap-pkcs11: {name}: " in decision["reason"], decision["reason"]
+        assert USER_PIN not in decision["reason"]
+
+
+VERIFIER = r"""
+import json, sys
+from lap_gateway.crypto import TrustedKeyStore
+from lap_gateway.receipts import ToolInvocationReceipt
+from lap_gateway.tokens import CapabilityToken
+data = json.load(sys.stdin)
+out = {}
+for name, keys in data["stores"].items():
+    store = TrustedKeyStore.from_config(keys)
+    out[name] = {
+        "tokens": [CapabilityToken.from_compact(t).verify(store) for t in data["tokens"]],
+        "receipts": [ToolInvocationReceipt.from_dict(r).verify(store) for r in data["receipts"]],
+    }
+json.dump(out, sys.stdout)
+"""
+
+
+def verify_with_the_gateway(install, agent, stores):
+    result = subprocess.run([install.bin / "python", "-c", VERIFIER], capture_output=True,
+                            text=True, timeout=120, input=json.dumps(
+                                {"stores": stores, "tokens": agent.tokens,
+                                 "receipts": agent.receipts}))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def readme_blocks():
+    """The bash blocks of the README's gateway section."""
+    text = README.read_text()
+    start = text.index("## Configure the LAP gateway")
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def readme_command(fmt):
+    """The README's `lap-pkcs11 pubkey ... --format FMT` command as argv (up to `>`)."""
+    for block in readme_blocks():
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.startswith("lap-pkcs11 pubkey") and f"--format {fmt}" in line:
+                words = shlex.split(line, comments=True)
+                words = words[:words.index(">")] if ">" in words else words
+                return [LAP, *words[1:]]
+    raise AssertionError(f"the README shows no `lap-pkcs11 pubkey --format {fmt}` command")
+
+
+class Setup:
+    """The README's signer env file for a test token, and how the gateway runs."""
+
+    def __init__(self, token, workdir):
+        self.token, self.workdir = token, workdir
+        self.pin_file = workdir / "pin"
+        self.pin_file.write_text(USER_PIN + "\n")
+        (block,) = [b for b in readme_blocks() if "LAP_PKCS11_MODULE=" in b]
+        values = envfile.parse(block)
+        ours = {"LAP_PKCS11_MODULE": token.module, "LAP_PKCS11_TOKEN_LABEL": token.label,
+                "LAP_PKCS11_KEY_ID": "01", "LAP_PKCS11_PIN_FILE": str(self.pin_file)}
+        assert set(values) == set(ours), f"the README's signer.env changed: {sorted(values)}"
+        # The module's own configuration, and the pkcs11-tool under test.
+        extra = {"SOFTHSM2_CONF": str(token.conf)}
+        if TEST_TOOL:
+            extra["LAP_PKCS11_TOOL"] = pkcs11_tool()
+        self.signer_env = workdir / "signer.env"
+        self.signer_lines = [f"{name}={ours[name]}" for name in values] + [
+            f"{name}={value}" for name, value in extra.items()]
+        self.write_signer_env()
+
+    def write_signer_env(self, *extra):
+        self.signer_env.write_text("\n".join([*self.signer_lines, *extra]) + "\n")
+
+    def pubkey(self, fmt):
+        """Run the README's pubkey command for FMT against this setup; its stdout."""
+        return self.lap([str(self.signer_env) if word == README_SIGNER_ENV else word
+                         for word in readme_command(fmt)])
+
+    def lap(self, argv):
+        """Run lap-pkcs11 with nothing but the env file to configure it."""
+        env = {k: v for k, v in self.token.env.items()
+               if k not in ("PKCS11_PIN", "SOFTHSM2_CONF", "LAP_PKCS11_TOOL")}
+        result = subprocess.run(argv, env=env, cwd=self.workdir, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def gateway_env(self, tool_server, config):
+        """The gateway's environment: its own settings, then exactly the README's lines."""
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.workdir), "LANG": "C.UTF-8",
+               "XDG_RUNTIME_DIR": str(self.token.home / "run"),
+               "LAP_GATEWAY_DB_PATH": str(self.workdir / "gateway.db"),
+               "LAP_HTTP_TOOL_URL": tool_server.url,
+               "LAP_API_KEYS_JSON": json.dumps({API_KEY: AGENT})}
+        env.update(config)
+        return env
+
+
+def readme_gateway_env(public):
+    (block,) = [b for b in readme_blocks() if b.startswith("LAP_GATEWAY_SIGNING_CMD=")]
+    return block.replace(README_LAP, LAP).replace("<64 hex>", public.hex())
+
+
+@pytest.fixture
+def setup(keyed, tmp_path):
+    token, public = keyed
+    return Setup(token, tmp_path), public
+
+
+@pytest.mark.parametrize("configuration", ["gateway-env", "keyset"])
+def test_the_readme_configuration_runs_the_real_gateway(gateway, setup, tool_server,
+                                                         configuration):
+    config_setup, public = setup
+    workdir = config_setup.workdir
+    if configuration == "gateway-env":
+        printed = config_setup.pubkey("gateway-env")
+        # What pubkey prints is the README's block, word for word (paths and key aside).
+        assert printed == readme_gateway_env(public).replace(README_SIGNER_ENV,
+                                                             str(config_setup.signer_env))
+        config = envfile.parse(printed)  # as EnvironmentFile= loads it
+        kid = config["LAP_GATEWAY_SIGNING_KEY_ID"]
+    else:
+        keyset = config_setup.pubkey("keyset")
+        assert "LAP_GATEWAY_KEYSET_FILE=" in "".join(readme_blocks())
+        (workdir / "keyset.json").write_text(keyset)
+        config = {"LAP_GATEWAY_KEYSET_FILE": str(workdir / "keyset.json")}
+        kid = json.loads(keyset)["active_kid"]
+    running = RunningGateway(gateway, config_setup.gateway_env(tool_server, config), workdir)
+    try:
+        agent = Agent(running)
+        agent.tool_call()
+        agent.tool_call()
+
+        # A wrong PIN; the same wrong PIN again is refused by the guard, not the token.
+        config_setup.pin_file.write_text("000000\n")
+        agent.denied("PIN_INCORRECT")
+        agent.denied("PIN_INCORRECT")
+        config_setup.pin_file.write_text(USER_PIN + "\n")
+        agent.tool_call()
+
+        # The token goes away (a card pulled), then comes back.
+        (stored,) = [path for path in config_setup.token.dir.iterdir() if path.is_dir()]
+        stored.rename(workdir / "away")
+        agent.denied("TOKEN_NOT_FOUND")
+        (workdir / "away").rename(stored)
+        agent.tool_call()
+
+        # pkcs11-tool hangs: the signer answers TIMEOUT before the gateway's deadline.
+        config_setup.write_signer_env(f"LAP_PKCS11_TOOL={FAKE_TOOL}", "FAKE_MODE=hang")
+        started = time.monotonic()
+        agent.denied("TIMEOUT")
+        assert time.monotonic() - started < 10
+        config_setup.write_signer_env()
+        agent.tool_call()
+
+        assert running.process.poll() is None  # one gateway process throughout
+        assert tool_server.calls == len(agent.receipts) == 5  # denied calls never reached it
+    finally:
+        running.stop()
+
+    # Every token and receipt verifies with the gateway's own code, under the token's key
+    # and under our trusted_keys.json; under another key none does.
+    trusted = workdir / "trusted_keys.json"
+    trusted.write_text(config_setup.lap([LAP, "pubkey", "--env-file", str(config_setup.signer_env),
+                                         "--format", "trusted-keys", "--kid", kid]))
+    assert OTHER_KEY != public.hex()
+    verdicts = verify_with_the_gateway(gateway, agent, {
+        "token key": {kid: public.hex()}, "trusted_keys.json": json.loads(trusted.read_text()),
+        "other key": {kid: OTHER_KEY}})
+    for name in ("token key", "trusted_keys.json"):
+        assert verdicts[name] == {"tokens": [True] * 5, "receipts": [True] * 5}, name
+    assert verdicts["other key"] == {"tokens": [False] * 5, "receipts": [False] * 5}
+    for compact in agent.tokens:
+        assert json.loads(base64.urlsafe_b64decode(compact))["key_id"] == kid
+    assert {receipt["key_id"] for receipt in agent.receipts} == {kid}
+
+    # The gateway's schema check accepts our trusted_keys.json by that name, and its
+    # audit-log verifier accepts the log our signer signed.
+    schema = subprocess.run([gateway.bin / "lap", "schema-validate", trusted, "--schemas-dir",
+                             gateway.schemas], capture_output=True, text=True, timeout=120)
+    assert schema.returncode == 0, schema.stdout + schema.stderr
+    audit = subprocess.run([gateway.bin / "lap-verify", "audit-log",
+                            workdir / "gateway.audit.jsonl", "--trusted-keys", trusted],
+                           capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0 and "AUDIT_LOG_OK" in audit.stdout, audit.stdout + audit.stderr
