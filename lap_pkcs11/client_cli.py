@@ -21,7 +21,7 @@ import time
 from lap_pkcs11 import errors, wire
 from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS
 from lap_pkcs11.options import _seconds_as_ms, _timeout_ms
-from lap_pkcs11.sign_cli import READ_LIMIT, read_stdin, write_stdout
+from lap_pkcs11.sign_cli import read_stdin, write_stdout
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"
@@ -88,7 +88,14 @@ def exchange(path, request, deadline):
             chunks, size = [], 0
             while size <= MAX_RESPONSE:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(MAX_RESPONSE + 1 - size)
+                try:
+                    chunk = sock.recv(MAX_RESPONSE + 1 - size)
+                except ConnectionResetError:
+                    if not chunks:
+                        raise
+                    # The signer answered (e.g. MESSAGE_TOO_LARGE) and closed before
+                    # reading all of stdin: a unix socket then resets instead of EOF.
+                    break
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -112,7 +119,7 @@ def main(args, started=None):
     try:
         path, deadline_ms = parse_args(args, os.environ)
         deadline = started + deadline_ms / 1000
-        payload = read_stdin(READ_LIMIT)
+        payload = read_stdin(wire.MAX_BODY)
         server_ms = max(deadline_ms - wire.SERVER_MARGIN_MS - int(
             (time.monotonic() - started) * 1000), 1)
         answer = wire.parse_response(exchange(path, wire.request_header(server_ms) + payload,
