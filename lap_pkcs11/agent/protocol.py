@@ -50,7 +50,7 @@ def kind_of(buffer, eof):
     """SIGN_FRAMED or SIGN_LINE once the first bytes tell, else None (read more)."""
     if buffer.startswith(FRAMED):
         return SIGN_FRAMED
-    if not eof and FRAMED.startswith(bytes(buffer)):
+    if not eof and len(buffer) < len(FRAMED) and FRAMED.startswith(bytes(buffer)):
         return None
     return SIGN_LINE
 
