@@ -703,6 +703,17 @@ def test_bad_agent_configuration_is_config_invalid(keyed, tmp_path, flag, value)
     assert len(lines) == 1 and lines[0].startswith("lap-pkcs11: CONFIG_INVALID: "), lines
 
 
+def test_an_unset_input_encoding_is_refused(keyed, tmp_path):
+    """The gateway's base64 signed as raw bytes would verify, over the wrong bytes."""
+    token, _ = keyed
+    agent = Agent(token, tmp_path, env={"LAP_PKCS11_INPUT": None}, wait=False)
+    code = agent.proc.wait(timeout=60)
+    agent.close()
+    assert code == 64
+    lines = agent.lines()
+    assert len(lines) == 1 and lines[0].startswith("lap-pkcs11: CONFIG_INVALID: --input"), lines
+
+
 def test_the_agent_dumps_no_core(agents):
     agent = agents()
     limits = Path(f"/proc/{agent.proc.pid}/limits").read_text()

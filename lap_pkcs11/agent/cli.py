@@ -214,6 +214,12 @@ def agent_main(args):
             sys.stdout.write(usage())
             return 0
         config = configuration.resolve(flags, dict(os.environ))
+        if config.sources["input"] == "default":
+            # As sign refuses it when the gateway starts it: signing the gateway's
+            # base64 text as raw bytes gives valid signatures over the wrong bytes.
+            raise errors.ConfigInvalid(
+                "--input is not set; `lap-pkcs11 client` passes the gateway's "
+                "base64(message) through, so set LAP_PKCS11_INPUT=base64 (or raw explicitly)")
         load_file_environment(config, log)
         pin = read_pin(config)
         pinned = bytes.fromhex(config.expect_public_key) if config.expect_public_key else None
