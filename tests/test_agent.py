@@ -280,6 +280,38 @@ def test_a_spent_deadline_is_timeout_without_signing(agents):
     assert answer.startswith(b"LAP1 75 TIMEOUT\nlap-pkcs11: TIMEOUT: "), answer
 
 
+def test_requests_queued_past_their_deadline_are_answered_timeout(keyed, agents):
+    """One worker, 40 requests of 64 KiB with 40 ms each: the queue outlasts most budgets."""
+    _, public = keyed
+    agent = agents(args=["--workers", "1"])
+    message = os.urandom(64 * KIB)
+    request = b"LAP1 40\n" + b64(message)
+    socks = []
+    for _ in range(40):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(20)
+        sock.connect(str(agent.path))
+        socks.append(sock)
+    started = time.monotonic()
+    for sock in socks:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+    answers = []
+    for sock in socks:
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        sock.close()
+        answers.append(answer)
+    assert time.monotonic() - started < 15
+    timeouts = [a for a in answers if a.startswith(b"LAP1 75 TIMEOUT\n")]
+    signed = [a for a in answers if a.startswith(b"LAP1 0 OK\n")]
+    assert len(timeouts) + len(signed) == len(answers), answers
+    assert timeouts, "no request waited past its deadline: the test proves nothing"
+    for answer in signed:
+        verify(public, message, gateway_decode(answer.split(b"\n", 1)[1]))
+
+
 def test_pins_the_token_key_at_start_and_says_so(keyed, agents):
     _, public = keyed
     agent = agents()
