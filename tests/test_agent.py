@@ -663,7 +663,8 @@ def test_one_journal_line_per_request_with_priorities(agents):
     requests = [line for line in agent.lines() if " request " in f" {line[3:]}"]
     assert len(requests) == 2, agent.text()
     ok, bad = requests
-    assert re.fullmatch(r"<6>request outcome=OK protocol=lap1 bytes=4 uid=0 ms=\d+\.\d\d", ok)
+    assert re.fullmatch(rf"<6>request outcome=OK protocol=lap1 bytes=4 uid={os.getuid()} "
+                        r"ms=\d+\.\d\d", ok), ok
     assert bad.startswith("<5>request outcome=INPUT_INVALID protocol=lap1 ")
     assert USER_PIN not in agent.text()
 
