@@ -83,7 +83,11 @@ class Agent:
                                      stdout=self.log, stderr=self.log)
         self.messages = []
         if wait:
-            self.wait_for("READY=1")
+            try:
+                self.wait_for("READY=1")
+            except BaseException:
+                self.close()
+                raise
 
     def wait_for(self, field, seconds=READY_SECONDS):
         """Wait for a notify datagram holding ``field``; fail with the log if the agent died."""
@@ -123,6 +127,11 @@ class Agent:
 
     def close(self):
         if self.proc.poll() is None:
+            if self.wrapped:  # the tracer's death would leave the agent running
+                try:
+                    os.kill(self.pid(), signal.SIGKILL)
+                except (OSError, ValueError, IndexError):
+                    pass
             self.proc.kill()
             self.proc.wait()
         self.notify.close()
