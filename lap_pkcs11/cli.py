@@ -95,6 +95,28 @@ def serve():
     raise typer.Exit(serve_main(sys.argv[2:]))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def agent():
+    """Log in once and sign every request on a unix socket (the production signer).
+
+    Run `lap-pkcs11 agent --help` for its options.
+    """
+    from lap_pkcs11.agent.cli import main as agent_main
+
+    raise typer.Exit(agent_main(sys.argv[1:]))
+
+
+@app.command("agent-status", context_settings={"allow_extra_args": True,
+                                               "ignore_unknown_options": True},
+             add_help_option=False)
+def agent_status():
+    """Print the running agent's metrics (Prometheus text)."""
+    from lap_pkcs11.agent.cli import main as agent_main
+
+    raise typer.Exit(agent_main(sys.argv[1:]))
+
+
 @app.command("config")
 @with_signer_options
 def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):

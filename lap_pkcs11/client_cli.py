@@ -28,8 +28,8 @@ import time
 from lap_pkcs11 import errors, process, wire
 from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS
 from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.sign_cli import (READ_LIMIT, check_gateway_input, read_message, read_stdin,
-                                 write_stderr, write_stdout)
+from lap_pkcs11.sign_cli import (check_gateway_input, decode_base64, read_stdin, write_stderr,
+                                 write_stdout)
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"
@@ -286,10 +286,12 @@ def run(args, started):
             return 0, USAGE.encode(), ""
         settings = parse_args(args, os.environ)
         deadline = started + settings.deadline_ms / 1000
-        payload = read_stdin(READ_LIMIT, deadline)
+        # Up to the agent's largest message (one byte more is refused whole by the
+        # signer, never signed cut short); serve refuses more than sign's own limit.
+        payload = read_stdin(wire.MAX_BODY, deadline)
         message = None
         if settings.expect_public_key:
-            message = read_message(settings.input, lambda _limit: payload)
+            message = payload if settings.input == "raw" else decode_base64(payload)
         server_ms = max(settings.deadline_ms - wire.SERVER_MARGIN_MS - int(
             (time.monotonic() - started) * 1000), 1)
         response = exchange(settings.socket, wire.request_header(server_ms) + payload, deadline)

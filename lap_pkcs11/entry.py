@@ -24,6 +24,10 @@ def main():
         from lap_pkcs11.serve_cli import main as serve_main
 
         return serve_main(args[1:], started)
+    if args[:1] in (["agent"], ["agent-status"]):
+        from lap_pkcs11.agent.cli import main as agent_main
+
+        return agent_main(args, started)
     from lap_pkcs11.cli import run
 
     return run()

@@ -94,6 +94,26 @@ def _choice(*choices):
     return parse
 
 
+def _names(value):
+    """A list of user or group names or numeric ids, separated by commas or spaces."""
+    items = value.replace(",", " ").split()
+    if not items or not all(item.isascii() and all(c.isalnum() or c in "._-" for c in item)
+                            and not item.startswith("-") for item in items):
+        raise ValueError("must be user or group names or numeric ids separated by commas, "
+                         "e.g. lap-gateway,1001")
+    return ",".join(items)
+
+
+def _count(low, high):
+    def parse(value):
+        text = value.strip()
+        if not _digits(text) or not low <= int(text) <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
 class Option:
     """One configuration option: flag, environment variables, default and parser."""
 
@@ -149,6 +169,23 @@ OPTIONS = (
            ("SIGNER_TIMEOUT_SECONDS", "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"), None,
            _seconds_as_ms, "SECONDS",
            "The gateway's own deadline (inherited); the signer finishes before it."),
+    # lap-pkcs11 agent only (the other commands ignore them).
+    Option("agent_socket", "--socket", ("LAP_PKCS11_AGENT_SOCKET",), "/run/lap-pkcs11/agent.sock",
+           _text, "PATH", "agent: the unix socket to listen on, unless systemd hands one over "
+           "(LISTEN_FDS)."),
+    Option("agent_allow_users", "--allow-users", ("LAP_PKCS11_AGENT_ALLOW_USERS",), None, _names,
+           "LIST", "agent: users (names or uids, comma-separated) who may connect, besides the "
+           "agent's own user and root."),
+    Option("agent_allow_groups", "--allow-groups", ("LAP_PKCS11_AGENT_ALLOW_GROUPS",), None,
+           _names, "LIST", "agent: groups (names or gids) whose members may connect."),
+    Option("agent_workers", "--workers", ("LAP_PKCS11_AGENT_WORKERS",), "2", _count(1, 64), "N",
+           "agent: worker threads, each with its own PKCS#11 session under the one login."),
+    Option("agent_max_connections", "--max-connections", ("LAP_PKCS11_AGENT_MAX_CONNECTIONS",),
+           "128", _count(1, 1000), "N",
+           "agent: open connections at most; one more is closed at once, unanswered."),
+    Option("agent_read_timeout_ms", "--read-timeout-ms", ("LAP_PKCS11_AGENT_READ_TIMEOUT_MS",),
+           "1000", _timeout_ms, "N",
+           "agent: a connection that has not sent its whole request in this time is closed."),
 )
 
 BY_FLAG = {option.flag: option for option in OPTIONS if option.flag}

@@ -122,6 +122,11 @@ def read_message(encoding, read):
     data = read(READ_LIMIT)
     if len(data) > READ_LIMIT:
         check_message(data)  # more base64 than any allowed message: MESSAGE_TOO_LARGE
+    return decode_base64(data)
+
+
+def decode_base64(data):
+    """The message in ``data``: strict, canonical base64, surrounding whitespace allowed."""
     text = data.strip(_WHITESPACE)
     try:
         message = binascii.a2b_base64(text, strict_mode=True)

@@ -14,6 +14,10 @@ MAX_HEADER = 64
 # The client's deadline less this, so the signer answers TIMEOUT before the client gives up.
 SERVER_MARGIN_MS = 150
 MAX_NAME = 40
+# The most a request body carries: base64 of the agent's largest message (64 KiB,
+# lap_pkcs11.agent.protocol) plus room for whitespace. The client forwards up to
+# one byte more, so a longer stdin is refused whole, never signed cut short.
+MAX_BODY = 4 * ((64 * 1024 + 2) // 3) + 4096
 
 
 def request_header(deadline_ms):

@@ -74,6 +74,12 @@ readonly OPTION_TABLE=(
   "expect_public_key|--expect-public-key|LAP_PKCS11_EXPECT_PUBLIC_KEY LAP_GATEWAY_PUBLIC_KEY_HEX|"
   "lock_dir|--lock-dir|LAP_PKCS11_LOCK_DIR|"
   "caller_timeout_ms||SIGNER_TIMEOUT_SECONDS LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS|"
+  "agent_socket|--socket|LAP_PKCS11_AGENT_SOCKET|/run/lap-pkcs11/agent.sock"
+  "agent_allow_users|--allow-users|LAP_PKCS11_AGENT_ALLOW_USERS|"
+  "agent_allow_groups|--allow-groups|LAP_PKCS11_AGENT_ALLOW_GROUPS|"
+  "agent_workers|--workers|LAP_PKCS11_AGENT_WORKERS|2"
+  "agent_max_connections|--max-connections|LAP_PKCS11_AGENT_MAX_CONNECTIONS|128"
+  "agent_read_timeout_ms|--read-timeout-ms|LAP_PKCS11_AGENT_READ_TIMEOUT_MS|1000"
 )
 readonly SCRUBBED_ENV=(OPENSC_DEBUG PKCS11SPY PKCS11SPY_OUTPUT)
 readonly GATEWAY_MARKERS=(LAP_GATEWAY_SIGNING_CMD LAP_GATEWAY_KEYSET_JSON LAP_GATEWAY_KEYSET_FILE)

@@ -2,8 +2,8 @@
 # Usage: scripts/setup.sh
 #
 # Prepares this checkout: installs opensc, softhsm2, openssl, shellcheck,
-# strace and python3-venv with apt-get when any is missing (as root, or through sudo), then creates
-# .venv and installs lap-pkcs11 with its test dependencies into it.
+# strace, socat and python3-venv with apt-get when any is missing (as root, or through sudo), then creates
+# .venv and installs lap-pkcs11 with its test dependencies and the agent's extra into it.
 # Environment: VENV (default: .venv in the checkout).
 set -Eeuo pipefail
 
@@ -26,6 +26,7 @@ install_packages() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   command -v strace >/dev/null || missing+=(strace)
+  command -v socat >/dev/null || missing+=(socat)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
   [[ ${#missing[@]} -eq 0 ]] && return 0
   command -v apt-get >/dev/null || abort "install these first: ${missing[*]}"
@@ -42,7 +43,7 @@ main() {
   local python=/usr/bin/python3
   [[ -x $python ]] || python=$(command -v python3)
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[test,agent]"
   echo "$PROG: lap-pkcs11 installed in $venv" >&2
 }
 
