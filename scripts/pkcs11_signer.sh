@@ -497,8 +497,10 @@ check_gateway_input() {
   [[ ${SRC[input]} == default ]] || return 0
   local name started=""
   local mode=${SIGNER_MODE-}
-  trim mode
-  # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
+  # The gateway compares SIGNER_MODE after Python's strip() (any whitespace) and
+  # lower(); these values select its external signer.
+  mode=${mode#"${mode%%[![:space:]]*}"}
+  mode=${mode%"${mode##*[![:space:]]}"}
   case ${mode,,} in external|cmd|command) started=1 ;; esac
   for name in "${GATEWAY_MARKERS[@]}"; do [[ -n ${!name-} ]] && started=1; done
   [[ -z $started ]] || fail CONFIG_INVALID "started by the LAP gateway, which sends base64(message), but --input is not set; add --input base64 to SIGNER_CMD (or set --input raw explicitly)"

@@ -837,6 +837,7 @@ def test_every_system_call_of_the_agent_passes_the_unit_filter(keyed, tmp_path):
     argv[0] = str(LAP)
     path = tmp_path / "run" / "traced.sock"
     (tmp_path / "pin").write_text(USER_PIN + "\n")
+    (tmp_path / "pin").chmod(0o600)  # as systemd hands a credential over
     agent = Agent(token, tmp_path, name="traced",
                   argv=[strace, "-f", "-qq", "-o", str(trace), *argv], wrapped=True,
                   env={"LAP_PKCS11_AGENT_SOCKET": str(path)})

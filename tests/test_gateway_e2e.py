@@ -296,6 +296,7 @@ class Setup:
         self.token, self.workdir = token, workdir
         self.pin_file = workdir / "pin"
         self.pin_file.write_text(USER_PIN + "\n")
+        self.pin_file.chmod(0o600)  # the signer refuses a PIN file others may read
         (block,) = [b for b in readme_blocks() if "LAP_PKCS11_MODULE=" in b]
         values = envfile.parse(block)
         ours = {"LAP_PKCS11_MODULE": token.module, "LAP_PKCS11_TOKEN_LABEL": token.label,
