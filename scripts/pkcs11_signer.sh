@@ -1084,6 +1084,11 @@ run_tool() {
   else
     ERR_TEXT=$text
   fi
+  # Starved past its deadline (a loaded host), we may find the tool already
+  # killed by timeout's backstop: that is the deadline's TIMEOUT, not a crash.
+  if [[ -z $LINE ]] && ((STATUS > 128 && ${EPOCHREALTIME/./} >= DEADLINE_US)); then
+    say TIMEOUT "pkcs11-tool did not finish before the deadline; check the token, pcscd and --timeout-ms"
+  fi
   [[ -z $LINE ]] || late_tool
 }
 
