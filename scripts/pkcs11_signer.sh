@@ -1318,6 +1318,9 @@ main() {
   close_stray_fds
   check_stdio
   umask 077
+  # SRANDOM (the guard's secret), here-strings as pipes, wait for a process substitution.
+  ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) \
+    || fail TOOL_NOT_FOUND "bash $BASH_VERSION is too old; bash 5.1 or later is needed"
   parse_args "$@"
   resolve
   check_gateway_input
