@@ -675,12 +675,26 @@ def test_a_foreign_secret_is_never_used_or_written_through(signer, keyed):
 
 # --- Any user ----------------------------------------------------------------------------
 
+def reachable_by_others(path):
+    """Whether any user can run ``path``: every directory above it searchable by others
+    and the file itself readable and executable by them (a script needs both)."""
+    for folder in path.parents:
+        if not folder.stat().st_mode & 0o001:
+            return False
+    return path.stat().st_mode & 0o005 == 0o005
+
+
 def test_signs_as_an_ordinary_user(signer):
     """Before (shell): bash 5.2 makes here-string files 0400, and the script wrote into them:
     '/dev/fd/N: Permission denied', INPUT_INVALID, on every call as non-root."""
     home = Path(tempfile.mkdtemp(prefix="lap-ordinary-", dir="/tmp"))
     try:
         home.chmod(0o755)
+        if os.geteuid() == 0 and not all(reachable_by_others(Path(path))
+                                         for path in signer.argv if path.startswith("/")):
+            pytest.skip("this checkout is not readable by other users (CI clones it under a "
+                        "private directory); CI's second phase runs this test as an ordinary "
+                        "user from a readable copy")
         token = Token(home)
         public = token.keygen()
         prefix, uid = ordinary_user(home)
