@@ -61,6 +61,7 @@ def start_socket_signer(home, module, env, bin_dir):
     path = home / "signer.sock"
     pin = home / "pin"
     pin.write_text(PIN + "\n")
+    pin.chmod(0o600)  # the signer refuses a PIN file others may read
     settings = {"LAP_PKCS11_MODULE": module, "LAP_PKCS11_TOKEN_LABEL": LABEL,
                 "LAP_PKCS11_KEY_ID": "01", "LAP_PKCS11_INPUT": "base64",
                 "SOFTHSM2_CONF": env["SOFTHSM2_CONF"], "LAP_PKCS11_LOCK_DIR": str(home),
