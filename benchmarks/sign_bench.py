@@ -102,8 +102,8 @@ def variants(module, env, tool, public_hex, message_file, bin_dir, socket_path=N
         # What any bash signer with the contract's guarantees must at least run: no
         # parsing, no stdin, no checks; just the lock and the setpriv/setsid chain.
         floor = ('exec {l}<>"$0"; flock "$l"; '
-                 'exec setpriv --pdeathsig KILL -- setsid -- pkcs11-tool "$@"')
-        rows["  (floor: bash + flock + setpriv + setsid)"] = (
+                 'exec setsid -- timeout -s KILL 2 pkcs11-tool "$@"')
+        rows["  (floor: bash + flock + setsid + timeout)"] = (
             ["/bin/bash", "-c", floor, str(message_file.parent / "floor.lock"),
              *tool[1:], "--sign", "--mechanism", "EDDSA", "--id", "01", "--input-file",
              str(message_file)], b"", env)
