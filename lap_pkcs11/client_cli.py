@@ -26,10 +26,9 @@ import os
 import time
 
 from lap_pkcs11 import errors, process, wire
-from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS
+from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
 from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.sign_cli import (check_gateway_input, decode_base64, read_stdin, write_stderr,
-                                 write_stdout)
+from lap_pkcs11.streams import decode_base64, read_stdin, write_stderr, write_stdout
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"

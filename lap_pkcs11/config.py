@@ -154,3 +154,26 @@ def resolve(flags, environ):
         sources[option.attr] = source
     check(values)
     return Config(values, sources, path, file_env)
+
+
+# Variables that only the LAP gateway's environment holds: when the signer
+# inherits one, it was started by the gateway, which always sends base64.
+GATEWAY_MARKERS = ("LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_KEYSET_JSON", "LAP_GATEWAY_KEYSET_FILE")
+
+
+def check_gateway_input(config, environ):
+    """Refuse the silent misconfiguration: the gateway's base64 signed as raw bytes.
+
+    Signing the base64 text instead of the message yields a valid signature over
+    the wrong bytes, which nothing notices until an offline audit.
+    """
+    if config.sources["input"] != "default":
+        return
+    # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
+    mode = environ.get("SIGNER_MODE", "").strip().lower()
+    started_by_gateway = mode in ("external", "cmd", "command") or any(
+        environ.get(name) for name in GATEWAY_MARKERS)
+    if started_by_gateway:
+        raise ConfigInvalid(
+            "started by the LAP gateway, which sends base64(message), but --input is not set; "
+            "add --input base64 to SIGNER_CMD (or set --input raw explicitly)")

@@ -13,15 +13,16 @@ import time
 
 from lap_pkcs11 import config as configuration
 from lap_pkcs11 import errors, process
+from lap_pkcs11.config import check_gateway_input
 from lap_pkcs11.options import BY_FLAG, OPTIONS
 from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
+from lap_pkcs11.streams import decode_base64, read_stdin, write_stderr, write_stdout
 from lap_pkcs11.tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
 # beyond this is refused unread, so a huge stdin costs neither time nor memory.
 MAX_BASE64 = 4 * ((MAX_MESSAGE + 2) // 3)
 READ_LIMIT = MAX_BASE64 + 4096
-_WHITESPACE = b" \t\r\n\v\f"
 
 
 def usage():
@@ -69,51 +70,6 @@ def parse_args(args):
     return flags, debug, want_help
 
 
-# Variables that only the LAP gateway's environment holds: when the signer
-# inherits one, it was started by the gateway, which always sends base64.
-GATEWAY_MARKERS = ("LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_KEYSET_JSON", "LAP_GATEWAY_KEYSET_FILE")
-
-
-def check_gateway_input(config, environ):
-    """Refuse the silent misconfiguration: the gateway's base64 signed as raw bytes.
-
-    Signing the base64 text instead of the message yields a valid signature over
-    the wrong bytes, which nothing notices until an offline audit.
-    """
-    if config.sources["input"] != "default":
-        return
-    # The gateway compares SIGNER_MODE after strip().lower(); these select its external signer.
-    mode = environ.get("SIGNER_MODE", "").strip().lower()
-    started_by_gateway = mode in ("external", "cmd", "command") or any(
-        environ.get(name) for name in GATEWAY_MARKERS)
-    if started_by_gateway:
-        raise errors.ConfigInvalid(
-            "started by the LAP gateway, which sends base64(message), but --input is not set; "
-            "add --input base64 to SIGNER_CMD (or set --input raw explicitly)")
-
-
-def read_stdin(limit, deadline=None):
-    """Up to ``limit`` + 1 bytes of stdin (one more tells that it was too long).
-
-    With ``deadline`` (monotonic seconds), a writer that has not finished by then
-    (one byte at a time, or never closing) is TIMEOUT, not a hang.
-    """
-    chunks, size = [], 0
-    while size <= limit:
-        if deadline is not None and not process.wait_readable(0, deadline):
-            raise errors.Timeout("stdin did not end before the deadline; the caller must "
-                                 "write the whole message and close stdin")
-        try:
-            chunk = os.read(0, limit + 1 - size)
-        except OSError as err:
-            raise errors.InputInvalid(f"stdin cannot be read ({err.strerror})") from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 def read_message(encoding, read):
     """The message to sign, decoded by ``encoding`` (raw or base64) from ``read(limit)``."""
     if encoding == "raw":
@@ -125,47 +81,12 @@ def read_message(encoding, read):
     return decode_base64(data)
 
 
-def decode_base64(data):
-    """The message in ``data``: strict, canonical base64, surrounding whitespace allowed."""
-    text = data.strip(_WHITESPACE)
-    try:
-        message = binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error:
-        message = None
-    # Canonical only: unused bits must be zero, as every encoder writes them.
-    if message is None or binascii.b2a_base64(message, newline=False) != text:
-        raise errors.InputInvalid("stdin is not strict base64 (standard alphabet, padded); "
-                                  "with --input base64 send base64(message) and a newline")
-    return message
-
-
 def encode(signature, encoding):
     if encoding == "base64":
         return binascii.b2a_base64(signature)
     if encoding == "hex":
         return signature.hex().encode() + b"\n"
     return signature
-
-
-# How long a full pipe may hold up the last line (the answer is ready by then).
-OUTPUT_WAIT_SECONDS = 0.2
-
-
-def write_stdout(data, deadline=None):
-    """The answer on stdout, within ``deadline`` (default: OUTPUT_WAIT_SECONDS from now)."""
-    try:
-        process.write_all(1, data, deadline or time.monotonic() + OUTPUT_WAIT_SECONDS)
-    except OSError as err:
-        raise errors.SigningFailed(f"stdout cannot be written ({err.strerror})") from None
-
-
-def write_stderr(text):
-    """The one stderr line; a stderr that cannot take it changes nothing else."""
-    try:
-        process.write_all(2, text.encode("utf-8", "replace"),
-                          time.monotonic() + OUTPUT_WAIT_SECONDS)
-    except OSError:
-        pass
 
 
 class Announcer:
