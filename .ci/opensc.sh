@@ -79,7 +79,7 @@ build() {
 
 run_tests() {
   local version status=0 start tool
-  bash "$ROOT/scripts/setup.sh"
+  bash "$ROOT/scripts/setup.sh" --test
   cd "$ROOT"
   for version in "${VERSIONS[@]}"; do
     tool=/opt/opensc-$version/bin/pkcs11-tool
