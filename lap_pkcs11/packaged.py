@@ -4,7 +4,8 @@ The wheel carries the shell mirror and the smoke test (``lap_pkcs11/shell``, fro
 ``scripts/``) and the systemd units (``lap_pkcs11/units``, from ``systemd/``) as
 package data; a checkout (an editable install) reads them where they live.
 ``install_units`` writes the units with the path of the ``lap-pkcs11`` command that
-is really installed, instead of the ``/opt/lap-pkcs11/.venv`` they name in the tree.
+is really installed (and of their README), instead of the ``/opt/lap-pkcs11`` paths
+they name in the tree.
 """
 
 import os
@@ -17,8 +18,9 @@ _PACKAGE = Path(__file__).resolve().parent
 SHELL = ("pkcs11_signer.sh", "smoke.sh")
 UNITS = ("lap-pkcs11-signer.socket", "lap-pkcs11-signer@.service",
          "lap-pkcs11-agent.socket", "lap-pkcs11-agent.service")
-# The command's path as the units in the tree name it.
+# The command's path and their README's as the units in the tree name them.
 TREE_COMMAND = "/opt/lap-pkcs11/.venv/bin/lap-pkcs11"
+TREE_README = "file:///opt/lap-pkcs11/systemd/README.md"
 # What ExecStart= may hold unquoted and unescaped: no spaces, %, $, quotes or backslashes.
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@")
 
@@ -52,16 +54,19 @@ def installed_command():
 
 
 def unit_text(name, command):
-    """The unit ``name`` with ExecStart= naming ``command``."""
-    if not _SAFE.issuperset(command):
-        raise ConfigInvalid(f"{command} holds characters systemd's ExecStart= reads "
-                            "differently (spaces, %, $, quotes); install lap-pkcs11 under a "
-                            "plain path")
+    """The unit ``name`` with ExecStart= naming ``command`` and Documentation= the
+    installed README."""
+    readme = folder("units") / "README.md"
+    for path in (command, str(readme)):
+        if not _SAFE.issuperset(path):
+            raise ConfigInvalid(f"{path} holds characters systemd's ExecStart= or "
+                                "Documentation= reads differently (spaces, %, $, quotes); "
+                                "install lap-pkcs11 under a plain path")
     text = (folder("units") / name).read_text()
     if name.endswith(".service") and TREE_COMMAND not in text:
         raise ConfigInvalid(f"the packaged {name} does not name {TREE_COMMAND}; reinstall "
                             "lap-pkcs11")
-    return text.replace(TREE_COMMAND, command)
+    return text.replace(TREE_COMMAND, command).replace(TREE_README, f"file://{readme}")
 
 
 def install_units(prefix="/", command=None, force=False):
