@@ -465,8 +465,8 @@ parse_value() {
 }
 
 resolve() {
-  local entry attr flag names default name found path mine theirs
-  declare -A flag_of=()
+  local entry attr flag names default name found path mine theirs uri_mode=""
+  declare -A flag_of=([slot]=--slot [slot_index]=--slot-index [token_label]=--token-label)
   if [[ -v FLAGS[env_file] ]]; then path=${FLAGS[env_file]}; SRC[env_file]=flag
   elif [[ -n ${LAP_PKCS11_ENV_FILE-} ]]; then path=$LAP_PKCS11_ENV_FILE; SRC[env_file]=env:LAP_PKCS11_ENV_FILE
   else path=""; SRC[env_file]="unset"
@@ -475,13 +475,15 @@ resolve() {
   # the signer's configuration, and a file there may be anyone's.
   [[ ${SRC[env_file]} == unset ]] || load_env_file "$path"
   VAL[env_file]=$path
-  # Each option's raw text by precedence: flag, environment, env file, default.
+  # Each option's raw text by precedence: flag, environment, env file, default;
+  # parsed at once, unless a URI (the table's first option) is given: then all
+  # are parsed after the URI has filled its options, as lap_pkcs11/config.py does.
   for entry in "${OPTION_TABLE[@]}"; do
     attr=${entry%%|*} entry=${entry#*|}
     flag=${entry%%|*} entry=${entry#*|}
     names=${entry%%|*} default=${entry#*|}
-    flag_of[$attr]=${flag:-${names%% *}}
     [[ $attr == env_file ]] && continue
+    [[ -n $flag$names ]] || { SRC[$attr]="unset"; continue; }  # filled only by a URI
     found=""
     if [[ -v FLAGS[$attr] ]]; then
       VAL[$attr]=${FLAGS[$attr]}; SRC[$attr]=flag; found=1
@@ -499,36 +501,40 @@ resolve() {
       done
     fi
     if [[ -z $found && -n $default ]]; then VAL[$attr]=$default; SRC[$attr]=default; found=1; fi
-    [[ -n $found ]] || SRC[$attr]="unset"
+    [[ $attr == uri && -n $found ]] && uri_mode=1
+    if [[ -n $uri_mode ]]; then flag_of[$attr]=${flag:-${names%% *}}; fi
+    if [[ -z $found ]]; then SRC[$attr]="unset"
+    elif [[ -z $uri_mode ]]; then parse_value "$attr" "$flag"
+    fi
   done
-  # A URI fills the options it names; one set otherwise to another value is an error.
-  if [[ -v VAL[uri] ]]; then
+  if [[ -n $uri_mode ]]; then
+    # The URI fills the options it names; one set otherwise to another value is an error.
     parse_uri "${VAL[uri]}"
     for attr in "${URI_ORDER[@]}"; do
       if [[ -v VAL[$attr] && ${SRC[$attr]} != default ]]; then
         local other=${VAL[$attr]} other_source=${SRC[$attr]}
         VAL[$attr]=${URI_VAL[$attr]} SRC[$attr]=uri:${SRC[uri]}
-        parse_value "$attr" "${flag_of[$attr]}"
+        parse_value "$attr" "${flag_of[$attr]-}"
         mine=${VAL[$attr]}
-        describe "$attr" "${flag_of[$attr]}"
+        describe "$attr" "${flag_of[$attr]-}"
         name=$REPLY
         VAL[$attr]=$other SRC[$attr]=$other_source
-        parse_value "$attr" "${flag_of[$attr]}"
+        parse_value "$attr" "${flag_of[$attr]-}"
         theirs=${VAL[$attr]}
-        describe "$attr" "${flag_of[$attr]}"
+        describe "$attr" "${flag_of[$attr]-}"
         [[ $mine == "$theirs" ]] || fail CONFIG_INVALID "$REPLY and $name differ; keep one"
       fi
       VAL[$attr]=${URI_VAL[$attr]} SRC[$attr]=uri:${SRC[uri]}
     done
+    for entry in "${OPTION_TABLE[@]}"; do
+      attr=${entry%%|*}
+      [[ $attr == env_file || ${SRC[$attr]} == unset ]] || parse_value "$attr" "${flag_of[$attr]-}"
+    done
   fi
-  for entry in "${OPTION_TABLE[@]}"; do
-    attr=${entry%%|*}
-    [[ $attr == env_file || ${SRC[$attr]} == unset ]] || parse_value "$attr" "${flag_of[$attr]}"
-  done
   [[ -n ${VAL[module]-} ]] || fail CONFIG_INVALID "no PKCS#11 module: give --module PATH or set LAP_PKCS11_MODULE"
   local selectors=()
   for attr in slot slot_index token_label; do
-    if [[ -v VAL[$attr] ]]; then describe "$attr" "${flag_of[$attr]}"; selectors+=("$REPLY"); fi
+    if [[ -v VAL[$attr] ]]; then describe "$attr" "${flag_of[$attr]-}"; selectors+=("$REPLY"); fi
   done
   if ((${#selectors[@]} > 1)); then
     local joined=${selectors[0]}
@@ -538,7 +544,7 @@ resolve() {
   if [[ -v VAL[slot_index] ]]; then
     for attr in "${TOKEN_CONSTRAINTS[@]}"; do
       [[ -v VAL[$attr] ]] || continue
-      describe "$attr" "${flag_of[$attr]}"
+      describe "$attr" "${flag_of[$attr]-}"
       name=$REPLY
       describe slot_index --slot-index
       fail CONFIG_INVALID "$REPLY cannot be combined with $name; select the token by label or slot id"
