@@ -15,7 +15,7 @@ VERSIONS=(0.26.1 0.27.1)
 # The contract and operator tests: every file that runs pkcs11-tool or reads its output.
 TESTS=(tests/test_sign_contract.py tests/test_sign_errors.py tests/test_sign_process.py
   tests/test_pin_guard.py tests/test_vectors.py tests/test_properties.py tests/test_mirror.py
-  tests/test_operator.py tests/test_listings.py tests/test_gateway_e2e.py)
+  tests/test_operator.py tests/test_listings.py tests/test_gateway_e2e.py tests/test_uri.py)
 
 abort() { printf '%s: %s\n' "$PROG" "$*" >&2; exit 1; }
 
@@ -79,7 +79,7 @@ build() {
 
 run_tests() {
   local version status=0 start tool
-  bash "$ROOT/scripts/setup.sh"
+  bash "$ROOT/scripts/setup.sh" --test
   cd "$ROOT"
   for version in "${VERSIONS[@]}"; do
     tool=/opt/opensc-$version/bin/pkcs11-tool

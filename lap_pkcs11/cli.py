@@ -9,18 +9,35 @@ lean ``lap_pkcs11.sign_cli`` before typer is imported.
 
 import inspect
 import json
+import os
 import sys
 from typing import Annotated, Optional
 
 import typer
+from typer.exceptions import TyperException
 
-from lap_pkcs11 import errors, keyformats, settings
+from lap_pkcs11 import __version__, errors, keyformats, settings
 from lap_pkcs11.config import CALLER_MARGIN_MS
 from lap_pkcs11.options import OPTIONS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False,
+# -h works wherever --help does (the lean commands parse their own).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, context_settings=CONTEXT,
                   help="Ed25519 signing for the LAP gateway with a key on a PKCS#11 token.")
+
+
+def _print_version(value: bool):
+    if value:
+        typer.echo(f"lap-pkcs11 {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False):
+    """Ed25519 signing for the LAP gateway with a key on a PKCS#11 token."""
 
 
 def _signer_parameters():
@@ -120,10 +137,17 @@ def agent_status():
 @app.command("config")
 @with_signer_options
 def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-    """Show the resolved configuration and where each value came from."""
+    """Show the resolved configuration and where each value came from.
+
+    The last line is the configuration as one PKCS#11 URI (token, key, module-path
+    and a chosen pin-source), for --uri or LAP_PKCS11_URI.
+    """
+    from lap_pkcs11 import uri
+
     try:
         config = settings.load(flags)
         pin = pin_status(config)
+        as_uri = uri.config_uri(config)
     except errors.SignerError as err:
         fail(err)
     rows = [(option.attr, getattr(config, option.attr), config.sources[option.attr])
@@ -131,13 +155,14 @@ def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Pri
     if as_json:
         typer.echo(json.dumps({"options": {attr: {"value": value, "source": source}
                                            for attr, value, source in rows},
-                               "pin": pin}, indent=2))
+                               "pin": pin, "uri": as_uri}, indent=2))
         return
     width = max(len(attr) for attr, _, _ in rows)
     for attr, value, source in rows:
         shown = "-" if value is None else str(value)
         typer.echo(f"{attr:<{width}}  {shown:<40}  {source}")
     typer.echo(f"{'pin':<{width}}  {pin['state']:<40}  {pin['source']}")
+    typer.echo(f"{'as uri':<{width}}  {as_uri}")
 
 
 @app.command()
@@ -152,7 +177,7 @@ def pubkey(flags,
     gateway-env prints the gateway's variables for this key (LAP_GATEWAY_SIGNING_CMD,
     _PUBLIC_KEY_HEX, _SIGNING_KEY_ID, _SIGNING_CMD_TIMEOUT_SECONDS) for an
     EnvironmentFile=; keyset a LAP_GATEWAY_KEYSET_JSON; trusted-keys a verifier's
-    trusted_keys.json.
+    trusted_keys.json; uri the key's PKCS#11 URI (token, id, object, type).
     """
     from lap_pkcs11.token import Session
 
@@ -162,7 +187,11 @@ def pubkey(flags,
             raise errors.ConfigInvalid(f"--format must be one of {', '.join(keyformats.FORMATS)}")
         if fmt in ("trusted-keys", "keyset") or (fmt == "gateway-env" and kid is not None):
             keyformats.check_kid(kid)
-        key = Session(config).public_key()
+        session = Session(config)
+        if fmt == "uri":
+            typer.echo(session.key_uri())
+            return
+        key = session.public_key()
         # A keyset's timeout_seconds is invisible to the signer, so its command carries
         # the matching --timeout-ms; LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS the signer reads.
         text = keyformats.render(key, fmt, kid,
@@ -187,9 +216,17 @@ def signing_command(config, key, fixed_deadline=False):
     exe = Path(sys.executable).parent / "lap-pkcs11"
     args = [str(exe) if exe.exists() else "lap-pkcs11", "sign", "--input", "base64"]
 
-    def given(attr):
-        return getattr(config, attr) is not None and not config.sources[attr].startswith("file:")
+    def from_file(source):
+        return source.startswith(("file:", "uri:file:"))
 
+    def given(attr):
+        source = config.sources[attr]
+        # What a URI filled travels as the URI itself (below), unless the env file holds it.
+        return getattr(config, attr) is not None and not from_file(source) and not (
+            source.startswith("uri:"))
+
+    if config.uri is not None and not from_file(config.sources["uri"]):
+        args += ["--uri", config.uri]
     for attr, flag in (("module", "--module"), ("slot", "--slot"),
                        ("slot_index", "--slot-index"), ("token_label", "--token-label"),
                        ("key_id", "--key-id"), ("key_label", "--key-label")):
@@ -225,19 +262,19 @@ def keygen(flags,
                                             help="Format of the printed public key.")] = "hex"):
     """Generate a sensitive, non-extractable Ed25519 key pair on the token.
 
-    Needs both --key-id and --key-label; refuses (and changes nothing) when either is taken.
+    Needs both --key-id and --key-label (or a URI's id= and object=); refuses (and
+    changes nothing) when either is taken.
     """
     from lap_pkcs11.token import Session
 
     try:
-        if not flags.get("key_id") or not flags.get("key_label"):
+        config = settings.load(flags, require_key=False)
+        if config.key_id is None or config.key_label is None:
             raise errors.ConfigInvalid("keygen needs both --key-id HEX and --key-label LABEL")
-        label = flags.pop("key_label")
-        config = settings.load(flags)
         if fmt not in keyformats.FORMATS[:4]:
             raise errors.ConfigInvalid("--format must be one of hex, base64, pem, jwk")
         session = Session(config)
-        session.generate(config.key_id, label)
+        session.generate(config.key_id, config.key_label)
         text = keyformats.render(session.public_key(), fmt)
     except errors.SignerError as err:
         fail(err)
@@ -256,14 +293,97 @@ def doctor(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JS
     else:
         colours = {"pass": typer.colors.GREEN, "warn": typer.colors.YELLOW,
                    "fail": typer.colors.RED}
+        colour = use_colour(sys.stdout, os.environ)
         for check in report.checks:
-            label = typer.style(f"{check.status.upper():<4}", fg=colours[check.status], bold=True)
-            typer.echo(f"{label}  {check.name}: {check.detail}")
+            label = f"{check.status.upper():<4}"
+            if colour:
+                label = typer.style(label, fg=colours[check.status], bold=True)
+            typer.echo(f"{label}  {check.name}: {check.detail}", color=colour)
             if check.fix and check.status != "pass":
                 typer.echo(f"      {'fix' if check.status == 'fail' else 'advice'}: {check.fix}")
+        if report.key_uri is not None:
+            typer.echo(f"key URI: {report.key_uri}")
         if report.latency_ms is not None:
             typer.echo(f"signing latency: {report.latency_ms} ms")
     raise typer.Exit(report.exit_code)
+
+
+def use_colour(stream, environ):
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org) or
+    TERM=dumb."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return terminal and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+@app.command()
+@with_signer_options
+def keys(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """List the Ed25519 keys on the token: id, label, URI, protection, public key.
+
+    Needs the module, a token selector (or the first token) and the PIN, as private
+    keys are listed logged in; no key selector.
+    """
+    from lap_pkcs11.token import Session
+
+    try:
+        config = settings.load(flags, require_key=False)
+        session = Session(config)
+        token, found = session.token(), session.ed25519_keys()
+    except errors.SignerError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps({"token": token, "keys": found}, indent=2))
+        return
+    typer.echo(f"token {token['label']!r} (serial {token.get('serial', '?')}, slot "
+               f"0x{token['slot']:x}): {len(found)} Ed25519 key{'s' if len(found) != 1 else ''}")
+    for key in found:
+        protection = ", ".join(
+            ["sensitive" if key["sensitive"] else "NOT sensitive",
+             "EXTRACTABLE" if key["extractable"] else "not extractable",
+             "generated on the token" if key["never_extractable"] and key["local"]
+             else "imported or once extractable"])
+        typer.echo(f"\nid {key['id']}  label {key['label']!r}")
+        typer.echo(f"  uri:        {key['uri']}")
+        typer.echo(f"  public key: {key['public_key_hex'] or '(no public key object)'}")
+        typer.echo(f"  protection: {protection}")
+
+
+@app.command("install-units")
+def install_units(
+        prefix: Annotated[str, typer.Option(
+            "--prefix", metavar="DIR",
+            help="Write into DIR/etc/systemd/system (default: / itself).")] = "/",
+        force: Annotated[bool, typer.Option(
+            "--force", help="Replace units that exist with other content.")] = False):
+    """Write the systemd units with the path of this installation's lap-pkcs11.
+
+    The socket-activated signer (lap-pkcs11-signer.socket, lap-pkcs11-signer@.service)
+    and the agent (lap-pkcs11-agent.socket, .service); then systemctl daemon-reload
+    and enable the socket you use (systemd/README.md).
+    """
+    from lap_pkcs11 import packaged
+
+    try:
+        written = packaged.install_units(prefix, force=force)
+    except errors.SignerError as err:
+        fail(err)
+    except OSError as err:
+        fail(errors.ConfigInvalid(f"cannot write the units ({err.strerror}: {err.filename}); "
+                                  "run as root or give --prefix"))
+    for path, state in written:
+        typer.echo(f"{state}: {path}")
+
+
+@app.command("files")
+def packaged_files():
+    """Print where the shell mirror, the smoke test and the systemd units are installed."""
+    from lap_pkcs11 import packaged
+
+    for name, path in packaged.files():
+        typer.echo(f"{name}\t{path}")
 
 
 def pin_status(config):
@@ -279,15 +399,36 @@ def pin_status(config):
     return {"state": "set" if env.get(name) else "unset", "source": f"{origin}:{name}"}
 
 
+def _command_path(err):
+    """"lap-pkcs11 COMMAND" for a usage error of COMMAND, else "lap-pkcs11"."""
+    context = getattr(err, "ctx", None)
+    if context is not None and context.command_path:
+        return context.command_path
+    names = set(typer.main.get_command(app).commands)
+    first = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    return f"lap-pkcs11 {first}" if first in names else "lap-pkcs11"
+
+
 def run():
     """Entry point for every command but ``sign``, ``client`` and ``serve``."""
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(prog_name="lap-pkcs11")
+        code = app(prog_name="lap-pkcs11", standalone_mode=False)
     except SystemExit as done:
         return done.code
+    except TyperException as err:  # a usage error: one line and 64, like sign's
+        if type(err).__name__ == "NoArgsIsHelpError":  # no command: the help, on stdout
+            typer.echo(err.format_message())
+            return 0
+        command = _command_path(err)
+        usage = errors.ConfigInvalid(
+            f"{err.format_message().rstrip('.')}; see {command} --help")
+        typer.echo(usage.line(), err=True)
+        return usage.exit_code
+    except typer.Abort:
+        return 130
     except Exception as err:  # A bug still ends in one line, without a traceback.
         if debug:
             raise
@@ -295,4 +436,4 @@ def run():
             f"internal error ({type(err).__name__}); rerun with --debug and report it")
         typer.echo(failure.line(), err=True)
         return failure.exit_code
-    return 0
+    return code if isinstance(code, int) else 0

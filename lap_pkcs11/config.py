@@ -6,7 +6,9 @@ administrative commands resolve the same ``OPTIONS`` through pydantic-settings
 
 Precedence, per option: command-line flag, then the real environment (each of
 the option's variables in order), then the env file (same variables, same
-order), then the default. An empty environment value counts as unset.
+order), then the default. An empty environment value counts as unset. A PKCS#11
+URI (``--uri``, itself resolved so) fills the options its attributes name; the
+same option set any other way to another value is an error, never a silent choice.
 
 This module is on the per-signature path: it imports only what Python has built in.
 """
@@ -14,7 +16,7 @@ This module is on the per-signature path: it imports only what Python has built 
 import os
 
 from lap_pkcs11.errors import ConfigInvalid
-from lap_pkcs11.options import OPTIONS
+from lap_pkcs11.options import BY_ATTR, OPTIONS, TOKEN_CONSTRAINTS
 
 # Variables that make OpenSC or its spy module log PIN-bearing traffic: they never
 # reach pkcs11-tool, whatever the gateway's environment holds.
@@ -63,7 +65,11 @@ class Config:
 
 
 def _describe(option, source):
-    """How to name an option in an error: its flag, or the variable that set it."""
+    """How to name an option in an error: its flag, or the variable or URI attribute that set it."""
+    if source.startswith("uri:"):
+        from lap_pkcs11.uri import ATTRIBUTE_OF
+
+        return f"the URI's {ATTRIBUTE_OF[option.attr]}= ({_describe(BY_ATTR['uri'], source[4:])})"
     if ":" not in source:
         return option.flag or option.envs[0]
     where = "env file" if source.startswith("file:") else "environment"
@@ -130,30 +136,74 @@ def parse_value(option, text, source):
         raise ConfigInvalid(f"{_describe(option, source)} {err}") from None
 
 
-def check(values):
+def apply_uri(raw):
+    """Fill the options a PKCS#11 URI names (``raw``: attr -> (text, source), changed in place).
+
+    The URI is read only when one is given, so that ``sign`` without one pays nothing
+    for it. An option the URI fills that is set any other way (flag, environment, env
+    file) to a value that differs once parsed is CONFIG_INVALID.
+    """
+    text, source = raw["uri"]
+    if text is None:
+        return
+    from lap_pkcs11 import uri
+
+    try:
+        filled = uri.options(text)
+    except ValueError as err:
+        raise ConfigInvalid(f"{_describe(BY_ATTR['uri'], source)} {err}") from None
+    for attr, value in filled.items():
+        option = BY_ATTR[attr]
+        mine = "uri:" + source
+        other_text, other_source = raw[attr]
+        if other_source not in ("unset", "default") and parse_value(
+                option, value, mine) != parse_value(option, other_text, other_source):
+            raise ConfigInvalid(f"{_describe(option, other_source)} and "
+                                f"{_describe(option, mine)} differ; keep one")
+        raw[attr] = (value, mine)
+
+
+def check(values, sources=None, require_key=True):
     """Cross-option rules shared by every resolver."""
+    sources = sources or {}
+
+    def name(attr):
+        return _describe(BY_ATTR[attr], sources.get(attr, "flag"))
+
     if not values["module"]:
         raise ConfigInvalid("no PKCS#11 module: give --module PATH or set LAP_PKCS11_MODULE")
-    selectors = [flag for attr, flag in (("slot", "--slot"), ("slot_index", "--slot-index"),
-                                         ("token_label", "--token-label"))
+    selectors = [name(attr) for attr in ("slot", "slot_index", "token_label")
                  if values[attr] is not None]
     if len(selectors) > 1:
         raise ConfigInvalid(f"{' and '.join(selectors)} both select a token; keep only one")
-    if (values["key_id"] is None) == (values["key_label"] is None):
-        which = "both" if values["key_id"] is not None else "neither"
-        raise ConfigInvalid(f"{which} of --key-id and --key-label given; give exactly one")
+    constraints = [attr for attr in TOKEN_CONSTRAINTS if values[attr] is not None]
+    if constraints and values["slot_index"] is not None:
+        raise ConfigInvalid(f"{name('slot_index')} cannot be combined with "
+                            f"{name(constraints[0])}; select the token by label or slot id")
+    if require_key and values["key_id"] is None and values["key_label"] is None:
+        raise ConfigInvalid("neither --key-id nor --key-label given; give one (or both: the "
+                            "key must then carry both)")
 
 
-def resolve(flags, environ):
-    """Resolve ``flags`` (attr -> raw text) over ``environ`` into a checked Config."""
-    raw, path, file_env = raw_layers(flags, environ)
+def finish(raw, path, file_env, require_key=True):
+    """Parse the picked raw texts (after the URI's) and check them together: the Config."""
+    apply_uri(raw)
     values, sources = {}, {}
     for option in OPTIONS:
         text, source = raw[option.attr]
         values[option.attr] = parse_value(option, text, source)
         sources[option.attr] = source
-    check(values)
+    check(values, sources, require_key)
     return Config(values, sources, path, file_env)
+
+
+def resolve(flags, environ, require_key=True):
+    """Resolve ``flags`` (attr -> raw text) over ``environ`` into a checked Config.
+
+    ``require_key`` False is for commands that list a token rather than use one key.
+    """
+    raw, path, file_env = raw_layers(flags, environ)
+    return finish(raw, path, file_env, require_key)
 
 
 # Variables that only the LAP gateway's environment holds: when the signer

@@ -10,7 +10,7 @@ import os
 import time
 
 from lap_pkcs11 import config as configuration
-from lap_pkcs11 import ed25519, errors, settings, signer, tool
+from lap_pkcs11 import ed25519, errors, settings, signer, tool, uri
 from lap_pkcs11.token import Session
 
 
@@ -39,6 +39,7 @@ class Report:
     def __init__(self):
         self.checks = []
         self.latency_ms = None
+        self.key_uri = None
 
     def add(self, name, status, detail, fix=None, error=None):
         self.checks.append(Check(name, status, detail, fix, error))
@@ -58,7 +59,7 @@ class Report:
 
     def as_dict(self):
         return {"ok": self.ok, "checks": [check.as_dict() for check in self.checks],
-                "signing_latency_ms": self.latency_ms}
+                "key_uri": self.key_uri, "signing_latency_ms": self.latency_ms}
 
 
 def tool_version(path, env):
@@ -134,7 +135,12 @@ def _token_checks(report, config, environ):
     except errors.SignerError as err:
         report.fail("private key found", err)
         return
-    report.add("private key found", "pass", f"id {key.id}, label {key.label!r}")
+    try:
+        report.key_uri = uri.key_uri(session.token()["label"], key.id, key.label)
+    except errors.SignerError:
+        report.key_uri = None
+    report.add("private key found", "pass", f"id {key.id}, label {key.label!r}"
+               + (f", {report.key_uri}" if report.key_uri else ""))
     _protection_check(report, key)
     wanted = config.mechanism
     if wanted not in mechanisms:

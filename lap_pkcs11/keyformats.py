@@ -4,6 +4,7 @@ Pure functions over the 32 raw key bytes: hex (``LAP_GATEWAY_PUBLIC_KEY_HEX``),
 base64, SubjectPublicKeyInfo PEM (RFC 8410), OKP JWK (RFC 8037), a verifiers'
 ``trusted_keys.json``, a complete gateway keyset, and the gateway's environment
 lines for a single hard key (``LAP_GATEWAY_SIGNING_CMD`` and its companions).
+(``uri``, the key's PKCS#11 URI, needs the token's listing: the CLI writes it.)
 """
 
 import base64
@@ -15,7 +16,7 @@ from lap_pkcs11.errors import ConfigInvalid
 # DER of SubjectPublicKeyInfo { id-Ed25519 (1.3.101.112) } up to the key's 32 bytes.
 SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 KID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-FORMATS = ("hex", "base64", "pem", "jwk", "trusted-keys", "keyset", "gateway-env")
+FORMATS = ("hex", "base64", "pem", "jwk", "trusted-keys", "keyset", "gateway-env", "uri")
 # The gateway's key id when LAP_GATEWAY_SIGNING_KEY_ID is unset.
 GATEWAY_DEFAULT_KID = "gateway"
 

@@ -104,6 +104,13 @@ def _names(value):
     return ",".join(items)
 
 
+def _library_version(value):
+    major, dot, minor = value.strip(_BLANKS).partition(".")
+    if not _digits(major) or (dot and not _digits(minor)):
+        raise ValueError("must be a version such as 2 or 2.6")
+    return f"{int(major)}.{int(minor or '0')}"
+
+
 def _count(low, high):
     def parse(value):
         text = value.strip()
@@ -130,6 +137,9 @@ class Option:
 
 
 OPTIONS = (
+    Option("uri", "--uri", ("LAP_PKCS11_URI",), None, _text, "URI",
+           "PKCS#11 URI (RFC 7512) of the key, e.g. pkcs11:token=lap-gateway;id=%01;type=private; "
+           "it fills the options it names (set otherwise to another value: an error)."),
     Option("module", "--module", ("LAP_PKCS11_MODULE",), None, _text, "PATH",
            "PKCS#11 module (.so) of the token. Required."),
     Option("slot", "--slot", ("LAP_PKCS11_SLOT",), None, _unsigned, "ID",
@@ -142,6 +152,17 @@ OPTIONS = (
            "Select the private key by CKA_ID."),
     Option("key_label", "--key-label", ("LAP_PKCS11_KEY_LABEL",), None, _text, "LABEL",
            "Select the private key by CKA_LABEL (resolved to its CKA_ID first)."),
+    # Filled only by a URI (serial=, manufacturer=, model=, library-*=): they narrow the
+    # token the other selectors choose, at the cost of one more pkcs11-tool run.
+    Option("token_serial", None, (), None, _text, "TEXT", "The token's serial number (URI)."),
+    Option("token_manufacturer", None, (), None, _text, "TEXT", "The token's manufacturer (URI)."),
+    Option("token_model", None, (), None, _text, "TEXT", "The token's model (URI)."),
+    Option("library_manufacturer", None, (), None, _text, "TEXT",
+           "The module's manufacturer (URI)."),
+    Option("library_description", None, (), None, _text, "TEXT",
+           "The module's description (URI)."),
+    Option("library_version", None, (), None, _library_version, "VERSION",
+           "The module's version (URI)."),
     Option("mechanism", "--mechanism", ("LAP_PKCS11_MECHANISM",), "EDDSA", _mechanism, "M",
            "pkcs11-tool signing mechanism."),
     Option("pin_env", "--pin-env", ("LAP_PKCS11_PIN_ENV",), "PKCS11_PIN", _env_name, "NAME",
@@ -187,6 +208,10 @@ OPTIONS = (
            "1000", _timeout_ms, "N",
            "agent: a connection that has not sent its whole request in this time is closed."),
 )
+
+# Options that narrow the token beyond its label or slot (matched against a listing).
+TOKEN_CONSTRAINTS = ("token_serial", "token_manufacturer", "token_model",
+                     "library_manufacturer", "library_description", "library_version")
 
 BY_FLAG = {option.flag: option for option in OPTIONS if option.flag}
 BY_ATTR = {option.attr: option for option in OPTIONS}

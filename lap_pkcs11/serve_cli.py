@@ -129,8 +129,19 @@ def own_deadline_ms(args):
         return int(BY_ATTR["timeout_ms"].default)
 
 
+USAGE = """Usage: lap-pkcs11 serve [SIGN OPTIONS]
+
+Sign one framed request on stdin/stdout, the connection systemd hands over
+(lap-pkcs11-signer.socket, Accept=yes); the options are those of
+`lap-pkcs11 sign --help`. Not run by hand: the gateway runs `lap-pkcs11 client`.
+"""
+
+
 def main(args, started=None):
     """Serve one connection on stdin/stdout; return 0 (the outcome travels in the response)."""
+    if any(arg in ("-h", "--help") for arg in args):
+        write_stdout(USAGE.encode())
+        return 0
     try:
         closed = process.harden()
     except errors.SignerError as err:

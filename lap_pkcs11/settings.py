@@ -38,7 +38,7 @@ Settings = create_model(
     **{option.attr: (Optional[str], Field(
         default=None, description=option.help,
         validation_alias=AliasChoices(*option.envs)))
-       for option in OPTIONS if option.attr != "env_file"})
+       for option in OPTIONS if option.envs and option.attr != "env_file"})
 Settings.model_config = _CONFIG
 
 
@@ -47,7 +47,7 @@ def _provider(raw, option):
     return next((name for name in option.envs if raw.get(name)), None)
 
 
-def load(flags, environ=None):
+def load(flags, environ=None, require_key=True):
     """Resolve ``flags`` (attr -> raw text) the way ``config.resolve`` does, into a Config."""
     environ = dict(os.environ) if environ is None else environ
     path = configuration.env_file_path(flags.get("env_file"), environ)
@@ -67,19 +67,18 @@ def load(flags, environ=None):
             return tuple(lambda data=data: data for _, _, data in layers)
 
     model = Layered()
-    values, sources = {}, {}
+    raw = {}
     for option in OPTIONS:
         if option.attr == "env_file":
             text, source = path, configuration.env_file_source(flags, environ, path)
+        elif not option.envs:  # filled only by a URI
+            text, source = None, None
         else:
             text = getattr(model, option.attr)
             source = "flag" if option.attr in flags else next(
-                (f"{label}:{name}" for label, raw, _ in layers[1:]
-                 for name in [_provider(raw, option)] if name), None)
+                (f"{label}:{name}" for label, raw_vars, _ in layers[1:]
+                 for name in [_provider(raw_vars, option)] if name), None)
             if text is None and option.default is not None:
                 text, source = option.default, "default"
-        source = source or "unset"
-        values[option.attr] = configuration.parse_value(option, text, source)
-        sources[option.attr] = source
-    configuration.check(values)
-    return configuration.Config(values, sources, path, file_env)
+        raw[option.attr] = (text, source or "unset")
+    return configuration.finish(raw, path, file_env, require_key)

@@ -37,19 +37,24 @@ def usage():
         lines.append(f"  {option.flag} {option.metavar}")
         lines.append(f"      {option.help} Env: {', '.join(option.envs)}.{default}")
     lines += ["  --debug", "      Show a traceback on internal errors.", "  -h, --help",
-              "      Show this message and exit."]
+              "      Show this message and exit.", "  --version",
+              "      Print the version and exit."]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(args):
-    """Map ``args`` to {attr: raw text}; return (flags, debug, help)."""
+    """Map ``args`` to {attr: raw text}; return (flags, debug, help): help is "help",
+    "version" or False."""
     flags, debug, want_help = {}, False, False
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
         if arg in ("-h", "--help"):
-            want_help = True
+            want_help = "help"
+            continue
+        if arg == "--version":
+            want_help = want_help or "version"
             continue
         if arg == "--debug":
             debug = True
@@ -117,6 +122,10 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
     debug = "--debug" in args
     try:
         flags, debug, want_help = parse_args(args)
+        if want_help == "version":
+            from lap_pkcs11 import __version__
+
+            return 0, f"lap-pkcs11 {__version__}\n".encode(), ""
         if want_help:
             return 0, usage().encode(), ""
         environ = dict(os.environ)

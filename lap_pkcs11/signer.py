@@ -215,15 +215,95 @@ def acquire_lock(path, deadline):
         raise
 
 
+def _constraints(config):
+    from lap_pkcs11.options import TOKEN_CONSTRAINTS
+
+    return {attr: getattr(config, attr) for attr in TOKEN_CONSTRAINTS
+            if getattr(config, attr) is not None}
+
+
+def _wanted(pairs):
+    from lap_pkcs11.uri import ATTRIBUTE_OF
+
+    return ", ".join(f"{ATTRIBUTE_OF[attr]}={value}" for attr, value in pairs.items())
+
+
+def choose_token(config, listing):
+    """The slot id of the one token of ``listing`` (a tool.TokenListing) that matches
+    every token attribute ``config`` gives (label, slot id, serial, manufacturer, model)
+    on a module whose information matches the library attributes; else TOKEN_NOT_FOUND."""
+    wanted = _constraints(config)
+    library = {attr: value for attr, value in wanted.items() if attr.startswith("library_")}
+    seen = {"library_manufacturer": listing.library.get("manufacturer"),
+            "library_description": listing.library.get("description"),
+            "library_version": listing.library.get("version")}
+    if any(seen[attr] != value for attr, value in library.items()):
+        raise errors.TokenNotFound(
+            f"the module is {seen['library_manufacturer']!r} {seen['library_description']!r} "
+            f"version {seen['library_version']}, not the URI's {_wanted(library)}; check the "
+            "URI and --module")
+    token = {"token_label": config.token_label, "slot": config.slot,
+             **{attr: value for attr, value in wanted.items() if attr.startswith("token_")}}
+    token = {attr: value for attr, value in token.items() if value is not None}
+    fields = {"token_label": "label", "slot": "slot", "token_serial": "serial",
+              "token_manufacturer": "manufacturer", "token_model": "model"}
+    found = [entry for entry in listing.tokens
+             if all(entry.get(fields[attr]) == value for attr, value in token.items())]
+    if len(found) == 1:
+        return found[0]["slot"]
+    tokens = "; ".join(f"{entry.get('label')!r} serial {entry.get('serial')!r}"
+                       for entry in listing.tokens) or "none"
+    if not found:
+        raise errors.TokenNotFound(f"no token has {_wanted(token)}; tokens seen: {tokens}; "
+                                   "check the URI (pkcs11-tool --list-token-slots)")
+    raise errors.TokenNotFound(f"{len(found)} tokens have {_wanted(token)}; add serial= to the "
+                               "URI to tell them apart")
+
+
+def resolve_token(config, tool_path, env, deadline):
+    """``config``, or when it narrows the token by serial, manufacturer, model or the
+    module's information, a copy that selects the one matching token by its slot id
+    (one pkcs11-tool run: pkcs11-tool itself selects only by label, slot or index)."""
+    if not _constraints(config):
+        return config
+    from lap_pkcs11.config import Config
+    from lap_pkcs11.options import TOKEN_CONSTRAINTS
+
+    result = tool.run(tool.token_listing_argv(tool_path, config), env, deadline)
+    if result.status != 0:
+        raise tool.classify(result)
+    slot = choose_token(config, tool.read_token_listing(
+        result.stdout.decode("utf-8", "replace"), result.stderr))
+    values = dict(config.values(), slot=slot, token_label=None, slot_index=None,
+                  **{attr: None for attr in TOKEN_CONSTRAINTS})
+    return Config(values, config.sources, config.env_file, config.file_env)
+
+
 def resolve_key_id(config, tool_path, env, pin_env, deadline):
-    """The CKA_ID to sign with: the configured id, or the id of the one key with the label."""
-    if config.key_id is not None:
+    """The CKA_ID to sign with: the configured id, the id of the one key with the label,
+    or, given both, the id after checking that the one key with it carries the label."""
+    if config.key_label is None:
         return config.key_id
     result = tool.run(tool.list_objects_argv(tool_path, config, "privkey", pin_env), env, deadline)
     if result.status != 0:
         raise tool.classify(result)
-    ids = {key.id for key in tool.parse_objects(result.stdout.decode("utf-8", "replace"))
-           if key.kind == "private key" and key.label == config.key_label}
+    keys = [key for key in tool.parse_objects(result.stdout.decode("utf-8", "replace"))
+            if key.kind == "private key"]
+    if config.key_id is not None:
+        # pkcs11-tool signs with the first key of that id: it must be the one, and labelled so.
+        same = [key for key in keys if key.id == config.key_id]
+        if not same:
+            raise errors.KeyNotFound(f"no private key with id {config.key_id} on the token; "
+                                     "check --key-id (lap-pkcs11 keys)")
+        if len(same) > 1:
+            raise errors.KeyNotFound(f"{len(same)} private keys have id {config.key_id}; give "
+                                     "each key its own id")
+        if same[0].label != config.key_label:
+            raise errors.KeyNotFound(f"the private key with id {config.key_id} is labelled "
+                                     f"{same[0].label!r}, not {config.key_label!r}; check "
+                                     "--key-label or the URI's object= (lap-pkcs11 keys)")
+        return config.key_id
+    ids = {key.id for key in keys if key.label == config.key_label}
     if not ids:
         raise errors.KeyNotFound(f"no private key labelled {config.key_label!r} on the token; "
                                  "check --key-label (lap-pkcs11 doctor)")
@@ -242,6 +322,7 @@ def _sign_locked(config, message, env, pin_env, tool_path, deadline, guard):
     if guard is not None:
         guard.check(pin)
     try:
+        config = resolve_token(config, tool_path, env, deadline)
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
         result = tool.run(tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"),
                           env, deadline, stdin_data=message)

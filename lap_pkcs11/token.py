@@ -8,7 +8,7 @@ per-signature path.
 import os
 import time
 
-from lap_pkcs11 import errors, signer, tool
+from lap_pkcs11 import errors, signer, tool, uri
 from lap_pkcs11.tool import parse_objects
 
 # Administrative calls may wait on slow tokens longer than a signature may.
@@ -16,14 +16,9 @@ ADMIN_DEADLINE_SECONDS = 30.0
 
 
 def parse_slots(listing):
-    """(slot id, token label) of every slot with a token in ``--list-token-slots``."""
-    slots, slot = [], None
-    for line in listing.splitlines():
-        if line.startswith("Slot "):
-            slot = line.split("(", 1)[1].split(")", 1)[0] if "(" in line else line.split()[1]
-        elif slot is not None and line.strip().startswith("token label"):
-            slots.append((slot, line.split(":", 1)[1].strip()))
-    return slots
+    """(slot id as 0x hex, token label) of every initialised token in ``--list-token-slots``."""
+    return [(f"0x{token['slot']:x}", token["label"])
+            for token in tool.read_token_listing(listing).tokens]
 
 
 def parse_mechanisms(listing):
@@ -41,6 +36,15 @@ class Session:
         self.env = config.child_environment(self.environ)
         self.tool = tool.require_tool(config, self.env)
         self.pin_env = None
+        self._selected = None
+
+    @property
+    def selected(self):
+        """The configuration with the token a URI narrows (serial=, ...) chosen by slot id."""
+        if self._selected is None:
+            self._selected = signer.resolve_token(
+                self.config, self.tool, self.env, time.monotonic() + ADMIN_DEADLINE_SECONDS)
+        return self._selected
 
     def login(self):
         """Read the PIN (as sign does); return the variable that carries it."""
@@ -70,23 +74,49 @@ class Session:
     def tokens(self):
         return parse_slots(self.run(tool.module_argv(self.tool, self.config, "--list-token-slots")))
 
+    def token(self):
+        """The selected token's slot, label, manufacturer, model and serial (a dict)."""
+        config = self.selected
+        deadline = time.monotonic() + ADMIN_DEADLINE_SECONDS
+        result = tool.run(tool.token_listing_argv(self.tool, config, selected=True), self.env,
+                          deadline)
+        if result.status != 0:
+            raise tool.classify(result)
+        listing = tool.read_token_listing(result.stdout.decode("utf-8", "replace"),
+                                          result.stderr)
+        if config.token_label is not None:
+            found = [entry for entry in listing.tokens if entry["label"] == config.token_label]
+        else:
+            slot = config.slot if config.slot is not None else listing.used
+            found = [entry for entry in listing.tokens if entry["slot"] == slot]
+        if not found:
+            raise errors.TokenNotFound("the selected token is not among the module's tokens; "
+                                       "check the token selector (pkcs11-tool --list-token-slots)")
+        token = dict(found[0])
+        token["uri"] = uri.build({attr: token.get(field) or None for attr, field in (
+            ("token_label", "label"), ("token_manufacturer", "manufacturer"),
+            ("token_model", "model"), ("token_serial", "serial"))})
+        return token
+
     def objects(self, kind, login):
         pin_env = self.login() if login else None
-        return parse_objects(self.run(tool.list_objects_argv(self.tool, self.config, kind,
+        return parse_objects(self.run(tool.list_objects_argv(self.tool, self.selected, kind,
                                                              pin_env)))
 
     def mechanisms(self):
-        return parse_mechanisms(self.run(tool.list_mechanisms_argv(self.tool, self.config)))
+        return parse_mechanisms(self.run(tool.list_mechanisms_argv(self.tool, self.selected)))
 
     def matches(self, obj):
-        if self.config.key_id is not None:
-            return obj.id == self.config.key_id
-        return obj.label == self.config.key_label
+        return ((self.config.key_id is None or obj.id == self.config.key_id)
+                and (self.config.key_label is None or obj.label == self.config.key_label))
 
     def selection(self):
+        parts = []
         if self.config.key_id is not None:
-            return f"id {self.config.key_id}"
-        return f"label {self.config.key_label!r}"
+            parts.append(f"id {self.config.key_id}")
+        if self.config.key_label is not None:
+            parts.append(f"label {self.config.key_label!r}")
+        return " and ".join(parts)
 
     def private_key(self):
         keys = [obj for obj in self.objects("privkey", login=True) if self.matches(obj)]
@@ -98,14 +128,50 @@ class Session:
                                      "give each key its own id and label")
         return keys[0]
 
-    def public_key(self):
-        """The selected key's 32 public key bytes, read without a PIN when the token allows."""
+    def _public_objects(self):
         found = [obj for obj in self.objects("pubkey", login=False) if self.matches(obj)]
         if not found and self.has_pin():
             found = [obj for obj in self.objects("pubkey", login=True) if self.matches(obj)]
         if not found:
             raise errors.KeyNotFound(f"no public key with {self.selection()} on the token; "
                                      "check --key-id or --key-label")
+        return found
+
+    def key_uri(self):
+        """The selected key's PKCS#11 URI: its token's label, its id and label, type=private."""
+        named = {(obj.id, obj.label) for obj in self._public_objects()}
+        if len(named) > 1 or None in {key_id for key_id, _ in named}:
+            raise errors.KeyNotFound(f"the keys with {self.selection()} do not share one id and "
+                                     "label, so no URI names one of them; select it by id")
+        key_id, label = named.pop()
+        return uri.key_uri(self.token()["label"], key_id, label)
+
+    def ed25519_keys(self):
+        """Every Ed25519 private key on the token (logged in), with its public key, URI and
+        protection, as dicts in the token's order."""
+        token_label = self.token()["label"]
+        publics = [obj for obj in self.objects("pubkey", login=True) if obj.kind == "public key"]
+        listed = []
+        for key in self.objects("privkey", login=True):
+            if key.kind != "private key" or key.key_type != "EC_EDWARDS":
+                continue
+            try:
+                points = {obj.public_key() for obj in publics
+                          if key.id is not None and obj.id == key.id}
+            except errors.MechanismUnsupported:
+                continue  # its public half is on another Edwards curve (Ed448)
+            listed.append({
+                "id": key.id, "label": key.label,
+                "uri": uri.key_uri(token_label, key.id, key.label) if key.id else None,
+                "public_key_hex": points.pop().hex() if len(points) == 1 else None,
+                **{flag.replace(" ", "_"): flag in key.access
+                   for flag in ("sensitive", "always sensitive", "extractable",
+                                "never extractable", "local")}})
+        return listed
+
+    def public_key(self):
+        """The selected key's 32 public key bytes, read without a PIN when the token allows."""
+        found = self._public_objects()
         keys = {obj.public_key() for obj in found}
         if len(keys) > 1:
             raise errors.KeyNotFound(f"several different public keys have {self.selection()}; "
@@ -118,7 +184,7 @@ class Session:
         listed, strays = [], []
         for kind in ("privkey", "pubkey"):
             objects, unread = tool.read_listing(self.run(tool.list_objects_argv(
-                self.tool, self.config, kind, self.login())))
+                self.tool, self.selected, kind, self.login())))
             listed += objects
             strays += unread
         doubt = listing_doubt(listed, strays)
@@ -130,7 +196,7 @@ class Session:
         if taken:
             raise errors.KeyExists(f"the token already holds a key with id {key_id} or label "
                                    f"{label!r}; nothing was changed; pick a new id and label")
-        self.run(tool.keygen_argv(self.tool, self.config, self.login(), key_id, label))
+        self.run(tool.keygen_argv(self.tool, self.selected, self.login(), key_id, label))
 
 
 # Every field pkcs11-tool 0.23 to 0.27 prints for a key object.

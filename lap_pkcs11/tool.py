@@ -109,6 +109,16 @@ def list_mechanisms_argv(tool, config):
     return [tool, *_selector_args(config), "--list-mechanisms"]
 
 
+def token_listing_argv(tool, config, selected=False):
+    """The module's information and every slot's token (--show-info --list-token-slots).
+
+    With ``selected``, the configured token selector goes along, and pkcs11-tool says
+    on stderr which slot a slot index (or no selector) chose.
+    """
+    args = _selector_args(config) if selected else ["--module", config.module]
+    return [tool, *args, "--show-info", "--list-token-slots"]
+
+
 def keygen_argv(tool, config, pin_env, key_id, label):
     """Generate a sensitive, non-extractable Ed25519 key pair on the selected token."""
     return [tool, *_selector_args(config), "--login", "--pin", "env:" + pin_env,
@@ -283,7 +293,7 @@ _HEX_DIGITS = frozenset("0123456789abcdef")
 # Field names across OpenSC versions: 0.23-0.26 print EC_POINT/EC_PARAMS, 0.27 "EC Point"/"EC Params".
 _FIELDS = {"label": "label", "ID": "id", "EC_POINT": "ec_point", "EC Point": "ec_point",
            "EC_PARAMS": "ec_params", "EC Params": "ec_params", "Usage": "usage",
-           "Access": "access"}
+           "Access": "access", "uri": "uri"}
 KEY_KINDS = ("private key", "public key", "secret key")
 
 
@@ -311,6 +321,64 @@ def id_hex(text):
     return hex_digits(text)
 
 
+class TokenListing:
+    """What ``token_listing_argv`` printed: the module's information and its tokens.
+
+    ``library`` holds ``manufacturer``, ``description`` and ``version`` (``2.6``);
+    ``tokens`` one dict per initialised token: ``slot`` (the slot id, an int),
+    ``label``, ``manufacturer``, ``model``, ``serial``; ``used`` is the slot id
+    pkcs11-tool said it chose ("Using slot ... (0x...)"), when it said so.
+    """
+
+    def __init__(self, library, tokens, used):
+        self.library = library
+        self.tokens = tokens
+        self.used = used
+
+    def token(self, slot):
+        found = [token for token in self.tokens if token["slot"] == slot]
+        return found[0] if found else None
+
+
+_TOKEN_FIELDS = {"token label": "label", "token manufacturer": "manufacturer",
+                 "token model": "model", "serial num": "serial"}
+
+
+def _slot_id(text):
+    """The slot id in "Slot 0 (0x39da0b99): ..." or "... present token (0x39da0b99)"."""
+    inside = text.rpartition("(0x")[2].partition(")")[0]
+    return int(inside, 16) if inside and _HEX_DIGITS.issuperset(inside.lower()) else None
+
+
+def read_token_listing(stdout, stderr=""):
+    """A TokenListing of ``--show-info --list-token-slots`` (OpenSC 0.23 to 0.27)."""
+    library, tokens, current = {}, [], None
+    for line in stdout.splitlines():
+        if line.startswith("Manufacturer ") and current is None:
+            library["manufacturer"] = line[len("Manufacturer"):].strip(" ")
+        elif line.startswith("Library ") and current is None:
+            text = line[len("Library"):].strip(" ")
+            description, ver, version = text.rpartition(" (ver ")
+            if ver and version.endswith(")"):
+                library["description"], library["version"] = description, version[:-1]
+            else:
+                library["description"] = text
+        elif line.startswith("Slot "):
+            current = {"slot": _slot_id(line.partition(":")[0])}
+        elif current is not None and line.startswith("  ") and ":" in line:
+            name, _, value = line.strip(" ").partition(":")
+            field = _TOKEN_FIELDS.get(name.strip(" "))
+            if field:
+                current[field] = value.strip(" ")
+                if field == "label" and current["slot"] is not None:
+                    tokens.append(current)
+    used = None
+    for line in stderr.splitlines():
+        if line.startswith("Using slot "):
+            used = _slot_id(line)
+    return TokenListing(library, tokens, used)
+
+
 class TokenObject:
     """One object of a ``--list-objects`` listing: its kind and the fields lap-pkcs11 uses.
 
@@ -319,8 +387,9 @@ class TokenObject:
     that text was present but unreadable.
     """
 
-    def __init__(self, kind):
+    def __init__(self, kind, key_type=None):
         self.kind = kind
+        self.key_type = key_type
         self.fields = []
         self.label = None
         self.id = None
@@ -329,6 +398,7 @@ class TokenObject:
         self.ec_params = None
         self.access = frozenset()
         self.usage = frozenset()
+        self.uri = None  # OpenSC 0.26+ prints each object's PKCS#11 URI
 
     @property
     def is_key(self):
@@ -344,6 +414,8 @@ class TokenObject:
         elif name == "ec_params":
             # Hex, then a description in brackets: "(OID 1.3.101.112)", '("Ed25519" OID:...)'.
             self.ec_params = hex_digits(value.split("(", 1)[0])
+        elif name == "uri":
+            self.uri = value
         elif name in ("access", "usage"):
             setattr(self, name, frozenset(part.strip() for part in value.split(",")
                                           if part.strip()))
@@ -368,6 +440,12 @@ def _object_kind(line):
     if "object" not in words:
         return None
     return " ".join(words[:words.index("object")])
+
+
+def _key_type(line):
+    """"EC_EDWARDS" for "Public Key Object; EC_EDWARDS  EC_POINT 255 bits", or None."""
+    words = line.partition(";")[2].split()
+    return words[0] if words else None
 
 
 def parse_objects(listing):
@@ -397,7 +475,7 @@ def read_listing(listing):
         if not line.startswith(" "):
             finish()
             kind = _object_kind(line)
-            current = TokenObject(kind) if kind is not None else None
+            current = TokenObject(kind, _key_type(line)) if kind is not None else None
             fields, field = {}, None
             if current is None:
                 strays.append(line.strip())

@@ -12,6 +12,10 @@
 # `lap-pkcs11: NAME: ...`.
 #
 # Options (environment variables in brackets, looked up in that order):
+#   --uri URI                 PKCS#11 URI (RFC 7512) of the key, e.g.
+#                             pkcs11:token=lap-gateway;id=%01;type=private; it fills
+#                             the options it names (set otherwise to another
+#                             value: an error) [LAP_PKCS11_URI]
 #   --module PATH             PKCS#11 module (.so). Required. [LAP_PKCS11_MODULE]
 #   --slot ID                 token by slot id [LAP_PKCS11_SLOT]
 #   --slot-index N            token by slot index [LAP_PKCS11_SLOT_INDEX]
@@ -32,6 +36,7 @@
 #                             (default $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp,
 #                             in a lap-pkcs11-<uid> directory of its own)
 #   -h, --help                show this help
+#   --version                 print the version
 # SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS (the gateway's
 # deadline) caps the deadline, less 250 ms.
 # The env file and the PIN file must be regular files of this user or root that
@@ -40,6 +45,7 @@ set -Eeuo pipefail +o posix
 LC_ALL=C
 ulimit -c 0
 
+readonly VERSION=0.1.0  # lap_pkcs11.__version__ (a test keeps them equal)
 readonly MAX_MESSAGE=1024
 readonly READ_LIMIT=$((4 * ((MAX_MESSAGE + 2) / 3) + 4096))
 readonly CALLER_MARGIN_MS=250 MIN_DEADLINE_MS=50
@@ -57,12 +63,19 @@ readonly SIGNALS=(HUP INT QUIT USR1 USR2 ALRM TERM VTALRM PROF)
 
 # attr|flag|variables|default: the same table as lap_pkcs11/options.py.
 readonly OPTION_TABLE=(
+  "uri|--uri|LAP_PKCS11_URI|"
   "module|--module|LAP_PKCS11_MODULE|"
   "slot|--slot|LAP_PKCS11_SLOT|"
   "slot_index|--slot-index|LAP_PKCS11_SLOT_INDEX|"
   "token_label|--token-label|LAP_PKCS11_TOKEN_LABEL|"
   "key_id|--key-id|LAP_PKCS11_KEY_ID|"
   "key_label|--key-label|LAP_PKCS11_KEY_LABEL|"
+  "token_serial|||"
+  "token_manufacturer|||"
+  "token_model|||"
+  "library_manufacturer|||"
+  "library_description|||"
+  "library_version|||"
   "mechanism|--mechanism|LAP_PKCS11_MECHANISM|EDDSA"
   "pin_env|--pin-env|LAP_PKCS11_PIN_ENV|PKCS11_PIN"
   "pin_file|--pin-file|LAP_PKCS11_PIN_FILE|"
@@ -207,6 +220,7 @@ parse_args() {
     shift
     case $arg in
       -h|--help) usage; exit 0 ;;
+      --version) trap '' PIPE; printf 'lap-pkcs11 %s\n' "$VERSION" 2>/dev/null || true; exit 0 ;;
       --debug) continue ;;
     esac
     name=${arg%%=*}
@@ -377,12 +391,15 @@ load_env_file() {
   exec {fd}<&-
 }
 
-# describe ATTR FLAG: where an option's value came from, for error messages.
+# describe ATTR FLAG [SOURCE]: where an option's value came from (SOURCE, default
+# SRC[ATTR]), for error messages.
 describe() {
-  case ${SRC[$1]} in
+  local source=${3-${SRC[$1]-}}
+  case $source in
     flag) REPLY=$2 ;;
-    env:*) REPLY="${SRC[$1]#env:} (from the environment)" ;;
-    file:*) REPLY="${SRC[$1]#file:} (from the env file)" ;;
+    env:*) REPLY="${source#env:} (from the environment)" ;;
+    file:*) REPLY="${source#file:} (from the env file)" ;;
+    uri:*) describe uri --uri "${source#uri:}"; REPLY="the URI's ${URI_NAME[$1]}= ($REPLY)" ;;
     *) REPLY=$2 ;;
   esac
 }
@@ -392,8 +409,13 @@ bad() { describe "$1" "$2"; fail CONFIG_INVALID "$REPLY $3"; }
 parse_value() {
   local attr=$1 flag=$2 v=${VAL[$1]} whole fraction
   case $attr in
-    module|token_label|key_label|pin_file|pkcs11_tool|lock_dir|env_file)
+    uri|module|token_label|key_label|pin_file|pkcs11_tool|lock_dir|env_file|token_serial|\
+    token_manufacturer|token_model|library_manufacturer|library_description)
       [[ $v == *$'\n'* ]] && bad "$attr" "$flag" "must be one line of text" ;;
+    library_version)
+      trim v
+      [[ $v =~ ^([0-9]+)(\.([0-9]+))?$ ]] || bad "$attr" "$flag" "must be a version such as 2 or 2.6"
+      v=$((10#${BASH_REMATCH[1]})).$((10#${BASH_REMATCH[3]:-0})) ;;
     slot|slot_index)
       trim v
       if [[ ${v:0:2} == [0][xX] && ${v:2} =~ ^[0-9a-fA-F]+$ ]]; then v=$((16#${v:2}))
@@ -443,7 +465,8 @@ parse_value() {
 }
 
 resolve() {
-  local entry attr flag names default name found path
+  local entry attr flag names default name found path mine theirs uri_mode=""
+  declare -A flag_of=([slot]=--slot [slot_index]=--slot-index [token_label]=--token-label)
   if [[ -v FLAGS[env_file] ]]; then path=${FLAGS[env_file]}; SRC[env_file]=flag
   elif [[ -n ${LAP_PKCS11_ENV_FILE-} ]]; then path=$LAP_PKCS11_ENV_FILE; SRC[env_file]=env:LAP_PKCS11_ENV_FILE
   else path=""; SRC[env_file]="unset"
@@ -452,11 +475,15 @@ resolve() {
   # the signer's configuration, and a file there may be anyone's.
   [[ ${SRC[env_file]} == unset ]] || load_env_file "$path"
   VAL[env_file]=$path
+  # Each option's raw text by precedence: flag, environment, env file, default;
+  # parsed at once, unless a URI (the table's first option) is given: then all
+  # are parsed after the URI has filled its options, as lap_pkcs11/config.py does.
   for entry in "${OPTION_TABLE[@]}"; do
     attr=${entry%%|*} entry=${entry#*|}
     flag=${entry%%|*} entry=${entry#*|}
     names=${entry%%|*} default=${entry#*|}
     [[ $attr == env_file ]] && continue
+    [[ -n $flag$names ]] || { SRC[$attr]="unset"; continue; }  # filled only by a URI
     found=""
     if [[ -v FLAGS[$attr] ]]; then
       VAL[$attr]=${FLAGS[$attr]}; SRC[$attr]=flag; found=1
@@ -474,23 +501,225 @@ resolve() {
       done
     fi
     if [[ -z $found && -n $default ]]; then VAL[$attr]=$default; SRC[$attr]=default; found=1; fi
-    if [[ -z $found ]]; then SRC[$attr]="unset"; continue; fi
-    parse_value "$attr" "$flag"
+    [[ $attr == uri && -n $found ]] && uri_mode=1
+    if [[ -n $uri_mode ]]; then flag_of[$attr]=${flag:-${names%% *}}; fi
+    if [[ -z $found ]]; then SRC[$attr]="unset"
+    elif [[ -z $uri_mode ]]; then parse_value "$attr" "$flag"
+    fi
   done
+  if [[ -n $uri_mode ]]; then
+    # The URI fills the options it names; one set otherwise to another value is an error.
+    parse_uri "${VAL[uri]}"
+    for attr in "${URI_ORDER[@]}"; do
+      if [[ -v VAL[$attr] && ${SRC[$attr]} != default ]]; then
+        local other=${VAL[$attr]} other_source=${SRC[$attr]}
+        VAL[$attr]=${URI_VAL[$attr]} SRC[$attr]=uri:${SRC[uri]}
+        parse_value "$attr" "${flag_of[$attr]-}"
+        mine=${VAL[$attr]}
+        describe "$attr" "${flag_of[$attr]-}"
+        name=$REPLY
+        VAL[$attr]=$other SRC[$attr]=$other_source
+        parse_value "$attr" "${flag_of[$attr]-}"
+        theirs=${VAL[$attr]}
+        describe "$attr" "${flag_of[$attr]-}"
+        [[ $mine == "$theirs" ]] || fail CONFIG_INVALID "$REPLY and $name differ; keep one"
+      fi
+      VAL[$attr]=${URI_VAL[$attr]} SRC[$attr]=uri:${SRC[uri]}
+    done
+    for entry in "${OPTION_TABLE[@]}"; do
+      attr=${entry%%|*}
+      [[ $attr == env_file || ${SRC[$attr]} == unset ]] || parse_value "$attr" "${flag_of[$attr]-}"
+    done
+  fi
   [[ -n ${VAL[module]-} ]] || fail CONFIG_INVALID "no PKCS#11 module: give --module PATH or set LAP_PKCS11_MODULE"
   local selectors=()
-  [[ -v VAL[slot] ]] && selectors+=(--slot)
-  [[ -v VAL[slot_index] ]] && selectors+=(--slot-index)
-  [[ -v VAL[token_label] ]] && selectors+=(--token-label)
+  for attr in slot slot_index token_label; do
+    if [[ -v VAL[$attr] ]]; then describe "$attr" "${flag_of[$attr]-}"; selectors+=("$REPLY"); fi
+  done
   if ((${#selectors[@]} > 1)); then
-    local joined="${selectors[*]}"
-    fail CONFIG_INVALID "${joined// / and } both select a token; keep only one"
+    local joined=${selectors[0]}
+    for name in "${selectors[@]:1}"; do joined+=" and $name"; done
+    fail CONFIG_INVALID "$joined both select a token; keep only one"
   fi
-  if [[ -v VAL[key_id] && -v VAL[key_label] ]]; then
-    fail CONFIG_INVALID "both of --key-id and --key-label given; give exactly one"
-  elif [[ ! -v VAL[key_id] && ! -v VAL[key_label] ]]; then
-    fail CONFIG_INVALID "neither of --key-id and --key-label given; give exactly one"
+  if [[ -v VAL[slot_index] ]]; then
+    for attr in "${TOKEN_CONSTRAINTS[@]}"; do
+      [[ -v VAL[$attr] ]] || continue
+      describe "$attr" "${flag_of[$attr]-}"
+      name=$REPLY
+      describe slot_index --slot-index
+      fail CONFIG_INVALID "$REPLY cannot be combined with $name; select the token by label or slot id"
+    done
   fi
+  if [[ ! -v VAL[key_id] && ! -v VAL[key_label] ]]; then
+    fail CONFIG_INVALID "neither --key-id nor --key-label given; give one (or both: the key must then carry both)"
+  fi
+}
+
+# PKCS#11 URIs (RFC 7512), read as lap_pkcs11/uri.py reads them: the pkcs11:
+# scheme, path attributes separated by ";", an optional query after "?" with
+# attributes separated by "&", values of the characters the grammar allows for
+# their component or %HH escapes, no attribute twice, no whitespace, no
+# fragment. The attributes lap-pkcs11 can honour fill URI_VAL[attr] (raw text
+# for the option's own parse_value); every other one is refused, naming it.
+declare -A URI_PATH=([token]=token_label [manufacturer]=token_manufacturer
+  [serial]=token_serial [model]=token_model [library-manufacturer]=library_manufacturer
+  [library-description]=library_description [library-version]=library_version
+  [object]=key_label [type]="" [id]=key_id [slot-id]=slot [slot-description]=""
+  [slot-manufacturer]="")
+declare -A URI_QUERY=([module-path]=module [pin-source]="" [pin-value]="" [module-name]="")
+declare -A URI_NAME=([token_label]=token [token_manufacturer]=manufacturer
+  [token_serial]=serial [token_model]=model [library_manufacturer]=library-manufacturer
+  [library_description]=library-description [library_version]=library-version
+  [key_label]=object [key_id]=id [slot]=slot-id [module]=module-path [pin_env]=pin-source
+  [pin_file]=pin-source)
+declare -A URI_REFUSED=(
+  [pin-value]="a PIN must not sit in a command line or an environment listing; use pin-source=file:PATH or pin-source=env:NAME"
+  [module-name]="it needs p11-kit's module registry, which lap-pkcs11 does not read; give module-path="
+  [slot-description]="pkcs11-tool cannot select by it; select the token with token=, serial= or slot-id="
+  [slot-manufacturer]="pkcs11-tool cannot select by it; select the token with token=, serial= or slot-id=")
+readonly URI_UNRESERVED=ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~
+readonly URI_PATH_CHARS="$URI_UNRESERVED:[]@!\$'()*+,=&" URI_QUERY_CHARS="$URI_UNRESERVED:[]@!\$'()*+,=/?|"
+readonly URI_MAX_LENGTH=4096 TOKEN_CONSTRAINTS=(token_serial token_manufacturer token_model
+  library_manufacturer library_description library_version)
+declare -A URI_VAL=()
+URI_ITEMS=()
+
+uri_fail() { describe uri --uri; fail CONFIG_INVALID "$REPLY $1"; }
+
+# uri_bytes RAW NAME ALLOWED: the value's bytes as lowercase hex pairs into REPLY.
+uri_bytes() {
+  local raw=$1 name=$2 allowed=$3 i c hex="" pair
+  for ((i = 0; i < ${#raw}; i++)); do
+    c=${raw:i:1}
+    if [[ $c == % ]]; then
+      pair=${raw:i+1:2}
+      [[ $pair =~ ^[0-9A-Fa-f]{2}$ ]] || uri_fail "has a % in $name= that is not followed by two hex digits; write a literal % as %25"
+      hex+=${pair,,}
+      ((i += 2))
+    elif [[ $allowed == *"$c"* ]]; then
+      printf -v pair '%02x' "'$c"
+      hex+=$pair
+    elif [[ $c > ' ' && $c < $'\x7f' ]]; then
+      uri_fail "has the character $c in $name=, which a PKCS#11 URI must percent-encode"
+    else
+      uri_fail "has a space, control or non-ASCII character in $name=, which a PKCS#11 URI must percent-encode"
+    fi
+  done
+  REPLY=$hex
+}
+
+# uri_items TEXT SEPARATOR ALLOWED COMPONENT: name=value items into URI_ITEMS
+# as "component name raw hex" (a space is allowed in none of them).
+uri_items() {
+  local rest=$1 sep=$2 allowed=$3 component=$4 item name more=1
+  while [[ -n $more ]]; do
+    if [[ $rest == *"$sep"* ]]; then item=${rest%%"$sep"*} rest=${rest#*"$sep"}; else item=$rest more=""; fi
+    name=${item%%=*}
+    if [[ $item != *=* || -z $name || ! $name =~ ^[A-Za-z0-9_-]+$ ]]; then
+      uri_fail "has an attribute in its $component that is not name=value (attributes are separated by $sep)"
+    fi
+    uri_bytes "${item#*=}" "$name" "$allowed"
+    URI_ITEMS+=("$component $name ${item#*=} $REPLY")
+  done
+}
+
+# uri_text HEX NAME: a text value (strict UTF-8, then no control character, then
+# not empty, as uri.py checks them) into REPLY.
+uri_text() {
+  local hex=$1 name=$2 i b need=0 low=128 high=191 escaped="" bytes=()
+  for ((i = 0; i < ${#hex}; i += 2)); do bytes+=($((16#${hex:i:2}))); escaped+=\\x${hex:i:2}; done
+  for b in "${bytes[@]}"; do
+    if ((need > 0)); then
+      ((b >= low && b <= high)) || uri_fail "has a $name= that is not UTF-8 once percent-decoded"
+      low=128 high=191
+      need=$((need - 1))
+    elif ((b < 128)); then :
+    elif ((b >= 194 && b <= 223)); then need=1
+    elif ((b == 224)); then need=2 low=160
+    elif ((b >= 225 && b <= 236 || b == 238 || b == 239)); then need=2
+    elif ((b == 237)); then need=2 high=159
+    elif ((b == 240)); then need=3 low=144
+    elif ((b >= 241 && b <= 243)); then need=3
+    elif ((b == 244)); then need=3 high=143
+    else uri_fail "has a $name= that is not UTF-8 once percent-decoded"
+    fi
+  done
+  ((need == 0)) || uri_fail "has a $name= that is not UTF-8 once percent-decoded"
+  # C0 controls, DEL, and C1 controls (U+0080-U+009F: C2 80 to C2 9F).
+  for ((i = 0; i < ${#bytes[@]}; i++)); do
+    b=${bytes[i]}
+    if ((b < 32 || b == 127)) || ((b == 194 && bytes[i + 1] <= 159)); then
+      uri_fail "has a control character in $name="
+    fi
+  done
+  [[ -n $hex ]] || uri_fail "gives $name= no value; remove it or give one"
+  printf -v REPLY '%b' "$escaped"
+}
+
+# parse_uri TEXT: the options the URI fills, into URI_VAL (URI_ORDER: in the URI's order).
+parse_uri() {
+  local text=$1 path query item component name raw hex attr
+  declare -A given=()
+  ((${#text} <= URI_MAX_LENGTH)) || uri_fail "is longer than $URI_MAX_LENGTH characters"
+  [[ ${text:0:7} == [pP][kK][cC][sS]11: ]] || uri_fail "is not a PKCS#11 URI: it must start with pkcs11:"
+  [[ $text != *"#"* ]] || uri_fail "has a # (a fragment), which a PKCS#11 URI does not have; write a # in a value as %23"
+  path=${text:7} query=""
+  if [[ $path == *"?"* ]]; then query=${path#*"?"} path=${path%%"?"*}; fi
+  URI_ITEMS=() URI_ORDER=()
+  [[ -z $path ]] || uri_items "$path" ";" "$URI_PATH_CHARS" path
+  [[ -z $query ]] || uri_items "$query" "&" "$URI_QUERY_CHARS" query
+  for item in "${URI_ITEMS[@]}"; do
+    name=${item#* } name=${name%% *}
+    [[ -z ${given[$name]-} ]] || uri_fail "gives $name= twice; keep one"
+    given[$name]=1
+  done
+  for item in "${URI_ITEMS[@]}"; do
+    component=${item%% *} item=${item#* }
+    name=${item%% *} item=${item#* }
+    raw=${item%% *} hex=${item#* }
+    if [[ $component == path && -v URI_PATH[$name] ]]; then attr=${URI_PATH[$name]}
+    elif [[ $component == query && -v URI_QUERY[$name] ]]; then attr=${URI_QUERY[$name]}
+    elif [[ $component == path && -v URI_QUERY[$name] ]]; then
+      uri_fail "has $name= in its path; it belongs in the query (after ?)"
+    elif [[ $component == query && -v URI_PATH[$name] ]]; then
+      uri_fail "has $name= in its query; it belongs in the path (before ?)"
+    else
+      uri_fail "has the attribute $name=, which lap-pkcs11 does not know; it refuses what it cannot honour, remove it"
+    fi
+    [[ -z ${URI_REFUSED[$name]-} ]] || uri_fail "has $name=, which lap-pkcs11 refuses: ${URI_REFUSED[$name]}"
+    case $name in
+      type)
+        [[ $raw =~ ^(public|private|cert|secret-key|data)$ ]] || uri_fail "has a type= that RFC 7512 does not define"
+        [[ $raw == private ]] || uri_fail "has type=$raw; lap-pkcs11 signs with a private key: give type=private or leave type= out"
+        continue ;;
+      id)
+        [[ -n $hex ]] || uri_fail "gives id= no value; remove it or give one"
+        REPLY=$hex ;;
+      slot-id)
+        [[ $raw =~ ^[0-9]+$ ]] || uri_fail "has a slot-id= that is not a decimal number"
+        REPLY=$raw ;;
+      library-version)
+        [[ $raw =~ ^[0-9]+(\.[0-9]+)?$ ]] || uri_fail "has a library-version= that is not MAJOR or MAJOR.MINOR"
+        REPLY=$raw ;;
+      pin-source)
+        uri_text "$hex" "$name"
+        if [[ $REPLY == env:* ]]; then attr=pin_env REPLY=${REPLY#env:}
+        elif [[ $REPLY == file:* ]]; then
+          attr=pin_file raw=${REPLY#file:}
+          if [[ $raw == //* ]]; then
+            raw=${raw#//}
+            [[ -z $raw || $raw == /* ]] || uri_fail "has a pin-source= on another host; give file:/PATH"
+          fi
+          [[ $raw == /* ]] || uri_fail "has a pin-source=file: that is not an absolute path; give file:/PATH"
+          REPLY=$raw
+        else
+          uri_fail "has a pin-source= that lap-pkcs11 cannot read; give file:/PATH or env:NAME"
+        fi ;;
+      *) uri_text "$hex" "$name" ;;
+    esac
+    URI_VAL[$attr]=$REPLY
+    URI_ORDER+=("$attr")
+  done
 }
 
 check_gateway_input() {
@@ -1150,19 +1379,21 @@ classify() {
   fail SIGNING_FAILED "pkcs11-tool exited $STATUS${last:+: ${last:0:200}}"
 }
 
-# The CKA_ID to sign with: the configured id, or the id of the one key with the label.
+# The CKA_ID to sign with: the configured id, the id of the one key with the
+# label, or, given both, the id after checking that the one key with it carries
+# the label (pkcs11-tool signs with the first key of an id).
 resolve_key_id() {
-  if [[ -v VAL[key_id] ]]; then KEY_ID=${VAL[key_id]}; return 0; fi
+  if [[ ! -v VAL[key_label] ]]; then KEY_ID=${VAL[key_id]}; return 0; fi
   run_tool "$SIG_FD" "${SELECTOR[@]}" --login --pin "env:$PIN_ENV" --list-objects --type privkey
   ((STATUS == 0)) || classify
-  local line field="" value in_key="" label="" id="" have_label="" ids=()
-  local wanted=${VAL[key_label]}
+  local line field="" value in_key="" label="" id="" have_label="" ids=() same=()
+  local wanted=${VAL[key_label]} want_id=${VAL[key_id]-}
   # The listing of every OpenSC from 0.23 to 0.27, read as lap_pkcs11/tool.py's
   # parse_objects reads it: an object starts at a line with no indent, fields are
   # "  name: value", a line indented deeper continues the field before it (0.27
   # wraps values over 32 bytes). Ids become lowercase hex, "?" when unreadable.
   finish_key() {
-    if [[ -n $in_key && -n $have_label && $label == "$wanted" ]]; then
+    if [[ -n $in_key ]]; then
       # 0.27 prints ids of at most 4 bytes that are not zero as "258 (0x01:02)".
       if [[ $id =~ ^([0-9]+)\ \(0x([0-9a-fA-F:]+)\)$ ]]; then
         id=${BASH_REMATCH[2]//:/}
@@ -1171,7 +1402,9 @@ resolve_key_id() {
       id=${id//[:[:space:]]/}
       id=${id,,}
       [[ $id =~ ^([0-9a-f]{2})+$ ]] || id="?"
-      ids+=("$id")
+      [[ -n $have_label && $label == "$wanted" ]] && ids+=("$id")
+      # A key's label as "=label", or "" when it shows none.
+      [[ $id == "$want_id" ]] && same+=("${have_label:+=$label}")
     fi
     in_key="" label="" id="" have_label="" field=""
   }
@@ -1195,12 +1428,103 @@ resolve_key_id() {
     fi
   done < "/dev/fd/$SIG_FD"
   finish_key
+  if [[ -n $want_id ]]; then
+    ((${#same[@]} > 0)) || fail KEY_NOT_FOUND "no private key with id $want_id on the token; check --key-id (lap-pkcs11 keys)"
+    ((${#same[@]} == 1)) || fail KEY_NOT_FOUND "${#same[@]} private keys have id $want_id; give each key its own id"
+    if [[ ${same[0]} != "=$wanted" ]]; then
+      label=None
+      [[ -z ${same[0]} ]] || label="'${same[0]#=}'"
+      fail KEY_NOT_FOUND "the private key with id $want_id is labelled $label, not '$wanted'; check --key-label or the URI's object= (lap-pkcs11 keys)"
+    fi
+    KEY_ID=$want_id
+    return 0
+  fi
   ((${#ids[@]} > 0)) || fail KEY_NOT_FOUND "no private key labelled '$wanted' on the token; check --key-label (lap-pkcs11 doctor)"
   local unique
   unique=$(printf '%s\n' "${ids[@]}" | sort -u)
   [[ $unique != *"?"* ]] || fail KEY_NOT_FOUND "a private key labelled '$wanted' shows no ID that lap-pkcs11 can read; select the key with --key-id"
   [[ $unique != *$'\n'* ]] || fail KEY_NOT_FOUND "the label '$wanted' is not unique on the token; select the key with --key-id"
   KEY_ID=$unique
+}
+
+# resolve_token: a URI that narrows the token by serial=, manufacturer=, model=
+# or the module's library-*= picks the one matching token (with its label or
+# slot id, when given) from one --show-info --list-token-slots run, and selects
+# it by slot id: pkcs11-tool itself selects only by label, slot or index. As
+# lap_pkcs11/signer.py's resolve_token and choose_token.
+resolve_token() {
+  local attr any="" line name value head inside current=-1 count=0 i wanted="" library="" shown=""
+  local slot_id=""
+  local lib_manufacturer="None" lib_description="None" lib_version="None" in_slots=""
+  local slots=() labels=() manufacturers=() models=() serials=() found=()
+  for attr in "${TOKEN_CONSTRAINTS[@]}"; do [[ -v VAL[$attr] ]] && any=1; done
+  [[ -n $any ]] || return 0
+  run_tool "$SIG_FD" --module "${VAL[module]}" --show-info --list-token-slots
+  ((STATUS == 0)) || classify
+  while IFS= read -r line; do
+    if [[ $line == "Slot "* ]]; then
+      in_slots=1 current=-1
+      head=${line%%:*} inside=${head##*(0x} inside=${inside%%)*}
+      if [[ $head == *"(0x"* && $inside =~ ^[0-9a-fA-F]+$ ]]; then slot_id=$((16#$inside)); else slot_id=""; fi
+    elif [[ -z $in_slots && $line == "Manufacturer "* ]]; then
+      lib_manufacturer=${line#Manufacturer} lib_manufacturer=${lib_manufacturer#"${lib_manufacturer%%[! ]*}"}
+      lib_manufacturer=${lib_manufacturer%"${lib_manufacturer##*[! ]}"}
+    elif [[ -z $in_slots && $line == "Library "* ]]; then
+      value=${line#Library} value=${value#"${value%%[! ]*}"} value=${value%"${value##*[! ]}"}
+      if [[ $value == *" (ver "*")" ]]; then
+        lib_description=${value% (ver *} lib_version=${value##* (ver } lib_version=${lib_version%)}
+      else
+        lib_description=$value
+      fi
+    elif [[ -n $in_slots && $line == "  "*:* ]]; then
+      name=${line%%:*} name=${name#"${name%%[! ]*}"} name=${name%"${name##*[! ]}"}
+      value=${line#*:} value=${value#"${value%%[! ]*}"} value=${value%"${value##*[! ]}"}
+      if [[ $name == "token label" && -n $slot_id ]]; then
+        current=$count count=$((count + 1))
+        slots[current]=$slot_id labels[current]=$value
+        manufacturers[current]="" models[current]="" serials[current]=""
+      elif ((current >= 0)); then
+        case $name in
+          "token manufacturer") manufacturers[current]=$value ;;
+          "token model") models[current]=$value ;;
+          "serial num") serials[current]=$value ;;
+        esac
+      fi
+    fi
+  done < "/dev/fd/$SIG_FD"
+  # The library first: a module that is not the one named selects nothing.
+  for attr in library_manufacturer library_description library_version; do
+    [[ -v VAL[$attr] ]] || continue
+    library+="${library:+, }${URI_NAME[$attr]}=${VAL[$attr]}"
+    case $attr in
+      library_manufacturer) value=$lib_manufacturer ;;
+      library_description) value=$lib_description ;;
+      library_version) value=$lib_version ;;
+    esac
+    [[ $value == "${VAL[$attr]}" ]] || any=mismatch
+  done
+  if [[ $any == mismatch ]]; then
+    fail TOKEN_NOT_FOUND "the module is '$lib_manufacturer' '$lib_description' version $lib_version, not the URI's $library; check the URI and --module"
+  fi
+  for attr in token_label slot token_serial token_manufacturer token_model; do
+    [[ -v VAL[$attr] ]] && wanted+="${wanted:+, }${URI_NAME[$attr]}=${VAL[$attr]}"
+  done
+  for ((i = 0; i < count; i++)); do
+    [[ ! -v VAL[token_label] || ${labels[i]} == "${VAL[token_label]}" ]] || continue
+    [[ ! -v VAL[slot] || ${slots[i]} == "${VAL[slot]}" ]] || continue
+    [[ ! -v VAL[token_serial] || ${serials[i]} == "${VAL[token_serial]}" ]] || continue
+    [[ ! -v VAL[token_manufacturer] || ${manufacturers[i]} == "${VAL[token_manufacturer]}" ]] || continue
+    [[ ! -v VAL[token_model] || ${models[i]} == "${VAL[token_model]}" ]] || continue
+    found+=("${slots[i]}")
+  done
+  if ((${#found[@]} == 1)); then
+    VAL[slot]=${found[0]}
+    unset 'VAL[token_label]' 'VAL[slot_index]'
+    return 0
+  fi
+  for ((i = 0; i < count; i++)); do shown+="${shown:+; }'${labels[i]}' serial '${serials[i]}'"; done
+  ((${#found[@]} > 1)) && fail TOKEN_NOT_FOUND "${#found[@]} tokens have $wanted; add serial= to the URI to tell them apart"
+  fail TOKEN_NOT_FOUND "no token has $wanted; tokens seen: ${shown:-none}; check the URI (pkcs11-tool --list-token-slots)"
 }
 
 # decode_signature B64: the 64 bytes of an 88-character base64 signature, as
@@ -1349,6 +1673,7 @@ main() {
   [[ -z ${DECODER-} ]] || wait "$DECODER" || fail INPUT_INVALID "stdin could not be decoded as base64"
   await_lock
   check_pin_guard
+  resolve_token
   selector_args
   resolve_key_id
   SIG_FD=$SIG_SCRATCH

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Usage: scripts/setup.sh
+# Usage: scripts/setup.sh [--test]
 #
-# Prepares this checkout: installs opensc, softhsm2, openssl, shellcheck,
-# strace, socat and python3-venv with apt-get when any is missing (as root, or through sudo), then creates
-# .venv and installs lap-pkcs11 with its test dependencies and the agent's extra into it.
+# Prepares this checkout: installs opensc, softhsm2, openssl, socat and
+# python3-venv with apt-get when any is missing (as root, or through sudo), then
+# creates .venv and installs lap-pkcs11 with the agent's extra into it: a
+# production install. --test (what scripts/test.sh runs) also installs the test
+# tools: shellcheck and strace, and the [test] extra (pytest, hypothesis).
 # Environment: VENV (default: .venv in the checkout).
 set -Eeuo pipefail
 
@@ -19,15 +21,23 @@ as_root() {
   fi
 }
 
+# missing_packages [test]: the Debian packages to install, into MISSING.
+missing_packages() {
+  MISSING=()
+  command -v pkcs11-tool >/dev/null || MISSING+=(opensc)
+  command -v softhsm2-util >/dev/null || MISSING+=(softhsm2)
+  command -v openssl >/dev/null || MISSING+=(openssl)
+  command -v socat >/dev/null || MISSING+=(socat)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || MISSING+=(python3-venv)
+  [[ ${1:-} == test ]] || return 0
+  command -v shellcheck >/dev/null || MISSING+=(shellcheck)
+  command -v strace >/dev/null || MISSING+=(strace)
+}
+
 install_packages() {
-  local missing=()
-  command -v pkcs11-tool >/dev/null || missing+=(opensc)
-  command -v softhsm2-util >/dev/null || missing+=(softhsm2)
-  command -v openssl >/dev/null || missing+=(openssl)
-  command -v shellcheck >/dev/null || missing+=(shellcheck)
-  command -v strace >/dev/null || missing+=(strace)
-  command -v socat >/dev/null || missing+=(socat)
-  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  local missing
+  missing_packages "$@"
+  missing=("${MISSING[@]}")
   [[ ${#missing[@]} -eq 0 ]] && return 0
   command -v apt-get >/dev/null || abort "install these first: ${missing[*]}"
   echo "$PROG: installing ${missing[*]}" >&2
@@ -37,13 +47,19 @@ install_packages() {
 
 main() {
   [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; return 0; }
-  install_packages
+  local mode="" extras=agent
+  case ${1:-} in
+    --test) mode=test extras=test,agent ;;
+    "") ;;
+    *) abort "unknown option $1; see --help" ;;
+  esac
+  install_packages "$mode"
   local venv=${VENV:-$ROOT/.venv}
   # Debian's own python3, so the benchmarked interpreter is the one operators run.
   local python=/usr/bin/python3
   [[ -x $python ]] || python=$(command -v python3)
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[test,agent]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[$extras]"
   echo "$PROG: lap-pkcs11 installed in $venv" >&2
 }
 

@@ -20,7 +20,7 @@ main() {
   if [[ ${SKIP_SETUP:-} == 1 ]]; then
     [[ -x $venv/bin/lap-pkcs11 ]] || abort "SKIP_SETUP=1, but $venv has no lap-pkcs11; run scripts/setup.sh"
   else
-    bash "$ROOT/scripts/setup.sh"
+    bash "$ROOT/scripts/setup.sh" --test
   fi
   cd "$ROOT"
   shellcheck scripts/*.sh tests/fakes/fake-pkcs11-tool || abort "shellcheck found problems"

@@ -10,6 +10,10 @@ from lap_pkcs11.options import OPTIONS
 
 # Candidate raw values per option: valid ones and a few invalid ones.
 VALUES = {
+    "uri": ["pkcs11:token=lap;id=%01", "pkcs11:id=%02;object=k?module-path=/opt/vendor/p11.so",
+            "pkcs11:serial=9;slot-id=3;id=%01", "pkcs11:type=cert",
+            "pkcs11:id=%01?pin-source=env:HSM_PIN",
+            "pkcs11:object=signer;library-version=2.6?pin-source=file:/run/credentials/pin"],
     "module": ["/usr/lib/softhsm/libsofthsm2.so", "/opt/vendor/p11.so"],
     "slot": ["0", "7", "0x1f", "-1", "x", "+3", "1_0", " 4 "],
     "slot_index": ["0", "2", "z"],

@@ -36,7 +36,8 @@ def fake(token, mode, record=None):
     [],                                                       # no module
     ["--key-id", "01"],                                       # still no module
     ["--module", "M"],                                        # no key
-    ["--module", "M", "--key-id", "01", "--key-label", "k"],  # both keys
+    ["--module", "M", "--uri", "pkcs11:id=%01;type=public"],  # not a private key
+    ["--module", "M", "--key-id", "02", "--uri", "pkcs11:id=%01"],  # URI and flag differ
     ["--module", "M", "--key-id", "01", "--slot", "1", "--token-label", "t"],
     ["--module", "M", "--key-id", "0g"],
     ["--module", "M", "--key-id", "012"],

@@ -38,6 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PyKCS11 import LowLevel
 
 from lap_pkcs11 import errors
+from lap_pkcs11.options import TOKEN_CONSTRAINTS
+from lap_pkcs11.signer import choose_token
+from lap_pkcs11.tool import TokenListing
 
 READY, LOST, RECOVERING, GONE, REFUSED, CLOSED = (
     "ready", "lost", "recovering", "gone", "refused", "closed")
@@ -176,6 +179,8 @@ class TokenSession:
     def _find_slot(self):
         lib, config = self._lib, self.config
         try:
+            if any(getattr(config, attr) is not None for attr in TOKEN_CONSTRAINTS):
+                return self._match_slot()
             if config.slot is not None or config.slot_index is not None:
                 slots = lib.getSlotList(tokenPresent=False)
                 if config.slot is not None:
@@ -201,6 +206,24 @@ class TokenSession:
         raise errors.TokenNotFound(f"no token labelled {config.token_label!r}; check "
                                    "--token-label (pkcs11-tool --list-token-slots)")
 
+    def _match_slot(self):
+        """The one token that matches the URI's serial, manufacturer, model (and label or
+        slot id) on a module that matches its library attributes: sign's own rule."""
+        lib = self._lib
+        info = lib.getInfo()
+        library = {"manufacturer": info.manufacturerID.strip(" "),
+                   "description": info.libraryDescription.strip(" "),
+                   "version": "%d.%d" % tuple(info.libraryVersion)}
+        tokens = []
+        for slot in lib.getSlotList(tokenPresent=True):
+            token = lib.getTokenInfo(slot)
+            if token.flags & PyKCS11.CKF_TOKEN_INITIALIZED:
+                tokens.append({"slot": slot, "label": token.label.strip(" "),
+                               "manufacturer": token.manufacturerID.strip(" "),
+                               "model": token.model.strip(" "),
+                               "serial": token.serialNumber.strip(" ")})
+        return choose_token(self.config, TokenListing(library, tokens, None))
+
     def _login(self, session):
         """The one C_Login of a start or a recovery attempt."""
         self.metrics.login()
@@ -215,16 +238,19 @@ class TokenSession:
             raise self._classify(err, "logging in") from None
 
     def _selection(self):
+        parts = []
         if self.config.key_id is not None:
-            return f"id {self.config.key_id}"
-        return f"label {self.config.key_label!r}"
+            parts.append(f"id {self.config.key_id}")
+        if self.config.key_label is not None:
+            parts.append(f"label {self.config.key_label!r}")
+        return " and ".join(parts)
 
     def _find_key(self, session):
-        """The one private key with the configured id or label, and its CKA_ID."""
+        """The one private key with the configured id and/or label, and its CKA_ID."""
         template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
         if self.config.key_id is not None:
             template.append((PyKCS11.CKA_ID, bytes.fromhex(self.config.key_id)))
-        else:
+        if self.config.key_label is not None:
             template.append((PyKCS11.CKA_LABEL, self.config.key_label))
         try:
             keys = session.findObjects(template)
