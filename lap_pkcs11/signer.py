@@ -355,10 +355,12 @@ def sign(config, message, environ, deadline):
     else:
         name = lock_name(module, env)
         lock = acquire_lock(os.path.join(folder, name + ".lock"), deadline)
+        deadline.held = lock
         try:
             signature = _sign_locked(config, message, env, pin_env, tool_path, deadline,
                                      PinGuard(folder, name))
         finally:
+            deadline.held = None
             os.close(lock)
     if len(signature) != 64:
         raise errors.SigningFailed(f"pkcs11-tool printed {len(signature)} bytes, not a "

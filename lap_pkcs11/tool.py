@@ -45,10 +45,14 @@ class Deadline:
     outcome at once, before that wait; all times are ``time.monotonic()`` seconds.
     """
 
-    __slots__ = ("end", "kill_at", "announce")
+    __slots__ = ("end", "kill_at", "announce", "held")
 
     def __init__(self, end, caller_end=None, announce=None):
         self.end = end
+        # The token lock's descriptor, once taken: every tool run holds it too (as fd 4),
+        # so a tool that outlives a killed signer keeps the token locked until its group
+        # is gone, and no second login overlaps it.
+        self.held = None
         self.kill_at = end + GRACE_MS / 1000
         if caller_end is not None:
             self.kill_at = min(self.kill_at, caller_end - KILL_RESERVE_MS / 1000)
@@ -223,6 +227,8 @@ def run(argv, env, deadline, stdin_data=None):
     if stdin_data is not None:
         fds.append(memory_file("message", stdin_data))
         actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
+    if deadline.held is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
     try:
         spawn_argv = [*chain_prefix(deadline), *argv]
         pid = os.posix_spawn(spawn_argv[0], spawn_argv, env, file_actions=actions, setsid=True)

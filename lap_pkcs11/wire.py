@@ -12,7 +12,7 @@ This module is on the per-signature path: it imports nothing.
 MAGIC = b"LAP1"
 MAX_HEADER = 64
 # The client's deadline less this, so the signer answers TIMEOUT before the client gives up.
-SERVER_MARGIN_MS = 150
+SERVER_MARGIN_MS = 250
 MAX_NAME = 40
 # The most a request body carries: base64 of the agent's largest message (64 KiB,
 # lap_pkcs11.agent.protocol) plus room for whitespace. The client forwards up to
