@@ -1108,6 +1108,8 @@ def test_a_new_key_on_the_token_is_key_mismatch_from_the_agent(keyed, agent, run
 
 def test_a_stopped_agent_is_signer_unavailable(agent, run):
     server = agent()
+    # Once it has answered, the agent's SIGTERM handler is in place (READY=1 comes before).
+    assert client(server.path).returncode == 0
     assert server.stop() == 0
     assert "no signer socket" in assert_clean_failure(run(server.path), "SIGNER_UNAVAILABLE", 69)
 
