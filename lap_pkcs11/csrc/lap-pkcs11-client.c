@@ -914,11 +914,9 @@ static int talk(int fd, const char *path, const char *where, const struct settin
                                         "too long); check the socket unit and its group", where);
     memcpy(address.sun_path, path, length);
     socklen_t address_size = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + length);
-    int result;
-    do
-        result = connect(fd, (struct sockaddr *)&address, address_size);
-    while (result != 0 && errno == EINTR);
-    if (result != 0) {
+    /* Not retried: the terminating signals are blocked here, and a unix socket connects
+     * at once or fails (EAGAIN when its backlog is full, as Python reports it too). */
+    if (connect(fd, (struct sockaddr *)&address, address_size) != 0) {
         if (errno == ENOENT)
             return fail(SIGNER_UNAVAILABLE, "no signer socket at %s; is "
                                             "lap-pkcs11-signer.socket running?", where);
