@@ -182,9 +182,9 @@ def check_server(sock, path, settings):
     """Refuse a socket served by anyone but root, this user or --server-user (SO_PEERCRED).
 
     The uid is the one that called listen(): systemd's (root) for socket units.
-    A process of this user could change this client's memory anyway, and root
-    anything, so trusting them adds nothing; any other user is refused before a
-    byte of the message is sent. The name is resolved only when it is needed.
+    A process of this user can already change what the gateway runs and reads,
+    and root anything, so trusting them adds nothing; any other user is refused
+    before a byte of the message is sent. The name is resolved only when needed.
     """
     pid, uid, _ = struct.unpack("iII", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
                                                        12))
