@@ -8,9 +8,13 @@ agent` on it. Then, per round and in turn (so load changes hit all alike), it
 times from spawn to exit, as the LAP gateway does:
 
 - bare `pkcs11-tool --sign` (the floor every ratio is taken against),
+- `/bin/true` (what starting any process costs here),
 - the venv's `python -c pass` (the interpreter's own start, which any Python
   client pays before its first line runs),
 - `lap-pkcs11 client` -> agent (the framed protocol),
+- `lap-pkcs11-client` -> agent (the same contract compiled: the one installed
+  beside lap-pkcs11 when it is this version's, else built here by the
+  install-client code),
 - `socat -t 2 - UNIX-CONNECT:` -> agent (the gateway's line protocol).
 
 It prints p50 and p95 in ms and the p50 ratio to bare pkcs11-tool; for the
@@ -80,7 +84,18 @@ def start_agent(home, module, env, bin_dir):
     return proc, path, home / "agent.log"
 
 
-def variants(env, tool, message_file, bin_dir, path):
+def compiled_client(bin_dir, home):
+    """lap-pkcs11-client: the installed one when it is this version's, else one built here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from lap_pkcs11 import compiled_client as build
+
+    path, current = build.state(bin_dir)
+    if path is not None and current:
+        return path, "installed"
+    return build.build(home / build.NAME), "built for this run"
+
+
+def variants(env, tool, message_file, bin_dir, path, client):
     """name -> (argv, stdin bytes, environment)."""
     message = message_file.read_bytes()
     gateway_stdin = base64.b64encode(message) + b"\n"
@@ -89,10 +104,13 @@ def variants(env, tool, message_file, bin_dir, path):
         "bare pkcs11-tool --sign": (
             [*tool, "--sign", "--mechanism", "EDDSA", "--id", "01", "--input-file",
              str(message_file)], b"", env),
+        "/bin/true (process start)": (["/bin/true"], b"", plain),
         "venv python -c pass (interpreter start)": (
             [str(bin_dir / "python"), "-c", "pass"], b"", plain),
         "lap-pkcs11 client -> agent": (
             [str(bin_dir / "lap-pkcs11"), "client", "--socket", str(path)], gateway_stdin, plain),
+        "lap-pkcs11-client -> agent": (
+            [str(client), "--socket", str(path)], gateway_stdin, plain),
         "socat -t 2 - UNIX-CONNECT: -> agent": (
             [shutil.which("socat"), "-t", "2", "-", f"UNIX-CONNECT:{path}"], gateway_stdin,
             plain),
@@ -103,7 +121,8 @@ def timed(argv, stdin, env):
     start = time.perf_counter()
     proc = subprocess.run(argv, input=stdin, env=env, capture_output=True)
     elapsed = time.perf_counter() - start
-    if proc.returncode != 0 or (argv[0].endswith("socat") and len(proc.stdout) != 89):
+    if proc.returncode != 0 or (argv[0] != "/bin/true" and argv[-1] != "pass" and
+                                len(proc.stdout) not in (89, 129, 64)):
         sys.exit(f"{argv[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
     return elapsed
 
@@ -164,8 +183,9 @@ def main():
         message_file = home / "message"
         message_file.write_bytes(os.urandom(args.size))
         agent, path, log_path = start_agent(home, module, env, bin_dir)
+        client, client_origin = compiled_client(bin_dir, home)
         try:
-            rows = variants(env, tool, message_file, bin_dir, path)
+            rows = variants(env, tool, message_file, bin_dir, path, client)
             for argv, stdin, row_env in rows.values():  # warm caches once, untimed
                 timed(argv, stdin, row_env)
             samples = {name: [] for name in rows}
@@ -182,7 +202,8 @@ def main():
     floor = statistics.median(samples["bare pkcs11-tool --sign"])
     interpreter = statistics.median(samples["venv python -c pass (interpreter start)"])
     print(f"{args.rounds} rounds, {args.size}-byte message, interleaved; "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load "
+          f"{os.getloadavg()[0]:.2f}; lap-pkcs11-client {client_origin}")
     print(f"| {'variant':<42} | {'p50 ms':>7} | {'p95 ms':>7} | {'p50 ratio':>9} |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
     for name, values in samples.items():
@@ -192,6 +213,10 @@ def main():
     client = statistics.median(samples["lap-pkcs11 client -> agent"])
     print(f"client above the interpreter's start: {client - interpreter:.1f} ms = "
           f"{(client - interpreter) / floor:.2f}x bare pkcs11-tool")
+    start = statistics.median(samples["/bin/true (process start)"])
+    compiled = statistics.median(samples["lap-pkcs11-client -> agent"])
+    print(f"lap-pkcs11-client above /bin/true: {compiled - start:.1f} ms = "
+          f"{(compiled - start) / floor:.2f}x bare pkcs11-tool")
     for protocol, values in service.items():
         print(f"agent service time ({protocol}, last byte in to answer out, from its journal): "
               f"p50 {statistics.median(values):.2f} ms, p95 {percentile(values, 0.95):.2f} ms, "

@@ -202,19 +202,36 @@ def pubkey(flags,
     typer.echo(text, nl=False)
 
 
-def signing_command(config, key, fixed_deadline=False):
-    """The `lap-pkcs11 sign` command line the gateway runs for this configuration (no PIN).
+def signing_command(config, key, fixed_deadline=False, commands=None):
+    """The command line the gateway runs for this configuration (no PIN).
 
-    Options the env file set are left to it (the command names the env file, so
-    editing it keeps working); options from flags or this shell's environment
-    become flags, since the gateway has neither. ``fixed_deadline`` always writes
-    ``--timeout-ms``, for a caller whose deadline the signer cannot see.
+    With an agent socket configured (``--socket``, LAP_PKCS11_AGENT_SOCKET), a
+    client of that agent: ``lap-pkcs11-client`` when it is installed beside
+    ``lap-pkcs11`` (in ``commands``), else ``lap-pkcs11 client``. Otherwise
+    `lap-pkcs11 sign`: options the env file set are left to it (the command names
+    the env file, so editing it keeps working); options from flags or this shell's
+    environment become flags, since the gateway has neither. ``fixed_deadline``
+    always writes ``--timeout-ms``, for a caller whose deadline the signer cannot see.
     """
     import shlex
     from pathlib import Path
 
-    exe = Path(sys.executable).parent / "lap-pkcs11"
-    args = [str(exe) if exe.exists() else "lap-pkcs11", "sign", "--input", "base64"]
+    from lap_pkcs11 import compiled_client
+
+    commands = Path(commands or compiled_client.commands_dir())
+    exe = commands / "lap-pkcs11"
+    lap = str(exe) if exe.exists() else "lap-pkcs11"
+    if config.sources["agent_socket"] != "default":
+        binary = compiled_client.installed(commands)
+        args = [str(binary)] if binary else [lap, "client"]
+        args += ["--socket", config.agent_socket, "--input", "base64"]
+        if fixed_deadline or config.sources["timeout_ms"] != "default":
+            args += ["--timeout-ms", str(config.timeout_ms)]
+        # The compiled client leaves this check to the agent, which verifies every
+        # signature against its own pinned key; the Python client checks it itself.
+        args += ["--expect-public-key", key.hex()]
+        return shlex.join(args)
+    args = [lap, "sign", "--input", "base64"]
 
     def from_file(source):
         return source.startswith(("file:", "uri:file:"))
@@ -253,6 +270,30 @@ def signing_command(config, key, fixed_deadline=False):
 def keyset_timeout_seconds(config):
     """The gateway's timeout for this signer: its own deadline plus twice the start-up margin."""
     return round((config.timeout_ms + 2 * CALLER_MARGIN_MS) / 1000, 3)
+
+
+@app.command("install-client")
+def install_client(
+        cc: Annotated[Optional[str], typer.Option(
+            "--cc", metavar="PROGRAM", help="The C compiler. [default: $CC, else cc]")] = None,
+        dest: Annotated[Optional[str], typer.Option(
+            "--dest", metavar="DIR", help="Where to install it. [default: beside lap-pkcs11]")]
+        = None,
+        sanitize: Annotated[bool, typer.Option(
+            "--sanitize", help="Build with AddressSanitizer and UBSan (for tests only).")] = False):
+    """Build lap-pkcs11-client, the compiled client, beside lap-pkcs11.
+
+    The gateway's fastest command for the agent: the contract of `lap-pkcs11 client`
+    without a Python start per signature. Without a working C compiler nothing is
+    installed (exit 69): point the gateway at `lap-pkcs11 client` instead.
+    """
+    from lap_pkcs11 import compiled_client
+
+    try:
+        path = compiled_client.install(dest, cc=cc, sanitize=sanitize)
+    except errors.SignerError as err:
+        fail(err)
+    typer.echo(f"installed {path}")
 
 
 @app.command()

@@ -103,8 +103,30 @@ def run(flags, environ=None):
                     "fix the option it names; `lap-pkcs11 config` shows where each value came from")
         return report
     report.add("configuration valid", "pass", f"module {config.module}")
+    if config.sources["agent_socket"] != "default":
+        client_check(report, config)
     _token_checks(report, config, environ)
     return report
+
+
+def client_check(report, config, directory=None):
+    """With an agent socket configured: is the gateway's fast client installed, and current?"""
+    from lap_pkcs11 import compiled_client
+
+    name = "compiled client installed"
+    path, current = compiled_client.state(directory)
+    fallback = (f"point the gateway at `lap-pkcs11 client --socket {config.agent_socket} --input "
+                "base64` (the same contract, a slower start), or install a C compiler (apt-get "
+                "install gcc libc6-dev) and run `lap-pkcs11 install-client`")
+    if path is None:
+        report.add(name, "warn", f"{compiled_client.NAME} is not installed beside lap-pkcs11",
+                   fallback)
+    elif not current:
+        report.add(name, "warn", f"{path} was built from another version of lap-pkcs11",
+                   "run `lap-pkcs11 install-client` again; until then " + fallback.split(", or ")[0])
+    else:
+        report.add(name, "pass", f"{path}, the gateway's command for the agent at "
+                                 f"{config.agent_socket}")
 
 
 def _token_checks(report, config, environ):

@@ -51,7 +51,8 @@ def _unsigned(value):
 
 def _timeout_ms(value):
     text = value.strip(_BLANKS)
-    if not _digits(text) or not 1 <= int(text) <= 600000:
+    # More than 6 significant digits is out of range: said so without int() of a huge string.
+    if not _digits(text) or len(text.lstrip("0")) > 6 or not 1 <= int(text) <= 600000:
         raise ValueError("must be a whole number of milliseconds from 1 to 600000")
     return int(text)
 
@@ -62,6 +63,8 @@ def _seconds_as_ms(value):
     if not (whole or fraction) or (whole and not _digits(whole)) or (
             fraction and not _digits(fraction)) or (dot and not fraction and not whole):
         raise ValueError("must be a number of seconds such as 2 or 1.5")
+    if len(whole.lstrip("0")) > 5:  # 100000 s or more; int() of a huge string would fail
+        raise ValueError("must be more than 0 and less than 86400 seconds")
     ms = int(whole or "0") * 1000 + int((fraction + "000")[:3])
     if not 0 < ms < 86400000:
         raise ValueError("must be more than 0 and less than 86400 seconds")

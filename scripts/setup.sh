@@ -4,7 +4,8 @@
 # Prepares this checkout: installs opensc, softhsm2, openssl, socat and
 # python3-venv with apt-get when any is missing (as root, or through sudo), then
 # creates .venv and installs lap-pkcs11 with the agent's extra into it: a
-# production install. --test (what scripts/test.sh runs) also installs the test
+# production install; then builds lap-pkcs11-client beside it when this host has
+# a working C compiler. --test (what scripts/test.sh runs) also installs the test
 # tools: shellcheck and strace, and the [test] extra (pytest, hypothesis).
 # Environment: VENV (default: .venv in the checkout).
 set -Eeuo pipefail
@@ -45,6 +46,14 @@ install_packages() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# install_client VENV: the compiled client beside lap-pkcs11, when this host can build it.
+# Without a C compiler the install still succeeds: the gateway runs `lap-pkcs11 client`.
+install_client() {
+  "$1/bin/lap-pkcs11" install-client >&2 ||
+    echo "$PROG: no lap-pkcs11-client (see above); the gateway's command for the agent is" \
+      "'$1/bin/lap-pkcs11 client', the same contract with a slower start" >&2
+}
+
 main() {
   [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; return 0; }
   local mode="" extras=agent
@@ -60,6 +69,7 @@ main() {
   [[ -x $python ]] || python=$(command -v python3)
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[$extras]"
+  install_client "$venv"
   echo "$PROG: lap-pkcs11 installed in $venv" >&2
 }
 

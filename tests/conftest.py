@@ -323,3 +323,21 @@ class _Chrooted(Signer):
             return Signer(self.name, [*prefix, *self.argv])(args, data, env, cwd, timeout, stdin)
         finally:
             os.rmdir(root)
+
+
+# The compiled client under test: CI's sanitizer build ($LAP_TEST_C_CLIENT), else one
+# built from this tree by the session (never a stale binary of an earlier install).
+C_CLIENT = os.environ.get("LAP_TEST_C_CLIENT", "")
+
+
+@pytest.fixture(scope="session")
+def compiled_client(tmp_path_factory):
+    """The path of lap-pkcs11-client, built as `lap-pkcs11 install-client` builds it."""
+    if C_CLIENT:
+        assert os.access(C_CLIENT, os.X_OK), f"LAP_TEST_C_CLIENT={C_CLIENT} is not executable"
+        return Path(C_CLIENT)
+    from lap_pkcs11 import compiled_client as build
+
+    assert shutil.which(os.environ.get("CC") or "cc"), \
+        "no C compiler for lap-pkcs11-client: apt-get install gcc libc6-dev"
+    return build.build(tmp_path_factory.mktemp("c-client") / build.NAME)

@@ -426,3 +426,94 @@ def test_the_readme_configuration_runs_the_real_gateway(gateway, setup, tool_ser
                             workdir / "gateway.audit.jsonl", "--trusted-keys", trusted],
                            capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0 and "AUDIT_LOG_OK" in audit.stdout, audit.stdout + audit.stderr
+
+
+# ---- the compiled client and the agent ---------------------------------------------------
+
+README_CLIENT = "/opt/lap-pkcs11/.venv/bin/lap-pkcs11-client"
+README_AGENT_SOCKET = "/run/lap-pkcs11/agent.sock"
+
+
+def readme_section_blocks(heading):
+    text = README.read_text()
+    start = text.index(heading)
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+@pytest.fixture(scope="session")
+def installed_client():
+    """lap-pkcs11-client beside lap-pkcs11, built from this tree as scripts/setup.sh does."""
+    result = subprocess.run([LAP, "install-client"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.split(" ", 1)[1].strip())
+
+
+def test_the_gateway_signs_through_the_compiled_client_and_the_agent(gateway, setup, tool_server,
+                                                                     installed_client):
+    """The README's agent configuration: the agent's socket in the signer's env file, and
+    the gateway's lines as pubkey prints them (the compiled client's command)."""
+    from test_agent import Agent as SigningAgent
+
+    config_setup, public = setup
+    workdir = config_setup.workdir
+    signer = SigningAgent(config_setup.token, workdir, name="agent")
+    try:
+        (line,) = [line for block in readme_section_blocks("## The compiled client")
+                   for line in block.splitlines() if line.startswith("LAP_PKCS11_AGENT_SOCKET=")]
+        config_setup.write_signer_env(line.replace(README_AGENT_SOCKET, str(signer.path)))
+        printed = config_setup.pubkey("gateway-env")
+        (block,) = [b for b in readme_section_blocks("## The compiled client")
+                    if b.startswith("LAP_GATEWAY_SIGNING_CMD=")]
+        assert printed == block.replace(README_CLIENT, str(installed_client)).replace(
+            README_AGENT_SOCKET, str(signer.path)).replace("<64 hex>", public.hex())
+        config = envfile.parse(printed)
+        assert shlex.split(config["LAP_GATEWAY_SIGNING_CMD"])[0] == str(installed_client)
+        running = RunningGateway(gateway, config_setup.gateway_env(tool_server, config), workdir)
+        try:
+            agent = Agent(running)
+            for _ in range(3):
+                agent.tool_call()
+            signer.stop()  # the agent is gone: the error's name reaches the deny reason
+            agent.denied("SIGNER_UNAVAILABLE")
+            assert running.process.poll() is None
+        finally:
+            running.stop()
+    finally:
+        signer.close()
+    kid = config["LAP_GATEWAY_SIGNING_KEY_ID"]
+    verdicts = verify_with_the_gateway(gateway, agent, {"token key": {kid: public.hex()},
+                                                        "other key": {kid: OTHER_KEY}})
+    assert verdicts["token key"] == {"tokens": [True] * 3, "receipts": [True] * 3}
+    assert verdicts["other key"] == {"tokens": [False] * 3, "receipts": [False] * 3}
+
+
+def test_a_gateway_pinned_to_another_key_fails_its_first_tool_call(gateway, setup, tool_server,
+                                                                   installed_client):
+    """What the compiled client leaves to the agent and the gateway: with an agent whose key
+    is not the gateway's, the gateway's own check of its capability token refuses the
+    first invoke, and no receipt is signed."""
+    from test_agent import Agent as SigningAgent
+
+    config_setup, public = setup
+    workdir = config_setup.workdir
+    signer = SigningAgent(config_setup.token, workdir, name="agent")
+    try:
+        config = {"LAP_GATEWAY_SIGNING_CMD": f"{installed_client} --socket {signer.path} "
+                                             "--input base64",
+                  "LAP_GATEWAY_PUBLIC_KEY_HEX": OTHER_KEY}
+        running = RunningGateway(gateway, config_setup.gateway_env(tool_server, config), workdir)
+        try:
+            agent = Agent(running)
+            decision = agent.evaluate()
+            assert decision["outcome"] == "approve", decision  # the token: signed by the agent
+            status, body = running.call("POST", "/v1/tools/http/invoke", {
+                "tool_name": "http", "operation": "execute", "params": {},
+                "capability_token": decision["capability_token"], "nonce": "n-1"}, agent.headers)
+            assert not body.get("success") and not body.get("receipt"), (status, body)
+            assert "INVALID_SIGNATURE" in body.get("error", ""), body
+            assert tool_server.calls == 0
+        finally:
+            running.stop()
+    finally:
+        signer.close()

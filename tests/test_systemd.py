@@ -145,13 +145,39 @@ def activated(keyed, tmp_path):
         server.close()
 
 
-def client(server_path, stdin, env=None, timeout=30):
-    env = env if env is not None else {"PATH": os.environ["PATH"]}
-    return subprocess.run([str(LAP), "client", "--socket", str(server_path)], input=stdin,
-                          env=env, capture_output=True, timeout=timeout)
+PYTHON_CLIENT = [str(LAP), "client"]
 
 
-def test_client_signs_through_socket_activation(keyed, activated):
+@pytest.fixture(params=["python", "c"])
+def client_argv(request, compiled_client):
+    """Either client: `lap-pkcs11 client` or the compiled lap-pkcs11-client."""
+    return PYTHON_CLIENT if request.param == "python" else [str(compiled_client)]
+
+
+@pytest.fixture
+def client(client_argv):
+    """Run the client as the gateway does; the compiled client's result must be the Python
+    client's on the same case, byte for byte (``reset`` restores the signer's state first)."""
+
+    def run_one(argv, server_path, stdin, env, timeout, reset):
+        if reset is not None:
+            reset()
+        env = env if env is not None else {"PATH": os.environ["PATH"]}
+        return subprocess.run([*argv, "--socket", str(server_path)], input=stdin, env=env,
+                              capture_output=True, timeout=timeout)
+
+    def run(server_path, stdin, env=None, timeout=30, reset=None):
+        result = run_one(client_argv, server_path, stdin, env, timeout, reset)
+        if client_argv != PYTHON_CLIENT:
+            reference = run_one(PYTHON_CLIENT, server_path, stdin, env, timeout, reset)
+            assert (result.returncode, result.stdout, result.stderr) == \
+                (reference.returncode, reference.stdout, reference.stderr), (result, reference)
+        return result
+
+    return run
+
+
+def test_client_signs_through_socket_activation(keyed, activated, client):
     token, public = keyed
     server = activated()
     message = b"\x00receipt\x00" * 40
@@ -171,7 +197,7 @@ def test_client_signs_through_socket_activation(keyed, activated):
     ("bad input", "INPUT_INVALID", 65),
     ("timeout", "TIMEOUT", 75),
 ])
-def test_signer_errors_reach_the_client_unchanged(keyed, activated, tmp_path, case, name, code):
+def test_signer_errors_reach_the_client_unchanged(keyed, activated, tmp_path, client, case, name, code):
     overrides, tool, stdin = {}, None, base64.b64encode(b"m") + b"\n"
     if case == "missing key":
         overrides["LAP_PKCS11_KEY_ID"] = "99"
@@ -183,25 +209,30 @@ def test_signer_errors_reach_the_client_unchanged(keyed, activated, tmp_path, ca
     server = activated(env_overrides=overrides, tool=tool)
     if case == "wrong pin":
         (tmp_path / "credentials" / "pin").write_text("000000\n")
-    result = client(server.path, stdin)
+
+    def forget_the_rejected_pin():  # so that each client meets the token, not the guard
+        for marker in (tmp_path / "state").glob("*.pin-rejected"):
+            marker.unlink()
+
+    result = client(server.path, stdin, reset=forget_the_rejected_pin)
     assert_failure(result, name, code, pin="000000")
 
 
 @pytest.mark.parametrize("caller", ["SIGNER_TIMEOUT_SECONDS",
                                     "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"])
-def test_client_deadline_reaches_the_signer(keyed, activated, caller):
+def test_client_deadline_reaches_the_signer(keyed, activated, client, caller):
     server = activated(tool=FAKE_TOOL)
     env = {"PATH": os.environ["PATH"], caller: "1.0"}
     result = client(server.path, base64.b64encode(b"m") + b"\n", env=env, timeout=1.0)
     assert_failure(result, "TIMEOUT", 75)
 
 
-def test_missing_socket_is_signer_unavailable(tmp_path):
+def test_missing_socket_is_signer_unavailable(tmp_path, client):
     result = client(tmp_path / "absent.sock", b"aGVsbG8=\n")
     assert_failure(result, "SIGNER_UNAVAILABLE", 69)
 
 
-def test_silent_socket_is_signer_unavailable(tmp_path):
+def test_silent_socket_is_signer_unavailable(tmp_path, client):
     path = tmp_path / "silent.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -217,7 +248,7 @@ def test_silent_socket_is_signer_unavailable(tmp_path):
         listener.close()
 
 
-def test_refused_socket_is_signer_unavailable(tmp_path):
+def test_refused_socket_is_signer_unavailable(tmp_path, client):
     path = tmp_path / "dead.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -225,7 +256,7 @@ def test_refused_socket_is_signer_unavailable(tmp_path):
     assert_failure(client(path, b"aGVsbG8=\n"), "SIGNER_UNAVAILABLE", 69)
 
 
-def test_sixteen_concurrent_clients(keyed, activated):
+def test_sixteen_concurrent_clients(keyed, activated, client):
     _, public = keyed
     server = activated()
     messages = [os.urandom(100 + i) for i in range(16)]
@@ -239,10 +270,9 @@ def test_sixteen_concurrent_clients(keyed, activated):
         verify(public, message, gateway_decode(result.stdout))
 
 
-def test_client_help_and_bad_option():
-    assert subprocess.run([str(LAP), "client", "--help"], capture_output=True).returncode == 0
-    result = subprocess.run([str(LAP), "client", "--key-id", "01"], capture_output=True,
-                            input=b"")
+def test_client_help_and_bad_option(client_argv):
+    assert subprocess.run([*client_argv, "--help"], capture_output=True).returncode == 0
+    result = subprocess.run([*client_argv, "--key-id", "01"], capture_output=True, input=b"")
     assert_failure(result, "CONFIG_INVALID", 64)
 
 
@@ -269,10 +299,12 @@ def fake_server(path, answer):
 
 @pytest.mark.parametrize("answer", [b"garbage", b"LAP1 77 NOT_A_NAME\nx\n",
                                     b"LAP1 64 PIN_MISSING\nx\n", b""])
-def test_garbled_answers_are_signer_unavailable(tmp_path, answer):
+def test_garbled_answers_are_signer_unavailable(tmp_path, client_argv, answer):
     path = tmp_path / "fake.sock"
     fake_server(path, answer)
-    assert_failure(client(path, b"aGVsbG8=\n"), "SIGNER_UNAVAILABLE", 69)
+    result = subprocess.run([*client_argv, "--socket", str(path)], input=b"aGVsbG8=\n",
+                            env={"PATH": os.environ["PATH"]}, capture_output=True, timeout=30)
+    assert_failure(result, "SIGNER_UNAVAILABLE", 69)
 
 
 def test_serve_refuses_a_request_without_framing(keyed, activated):
@@ -345,7 +377,7 @@ def test_every_system_call_of_a_signature_passes_the_unit_filter(keyed, tmp_path
 @pytest.mark.parametrize("env", [{"LAP_PKCS11_CLIENT_TIMEOUT_MS": "soon"},
                                  {"SIGNER_TIMEOUT_SECONDS": "0.2"},
                                  {"LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS": "0.2"}])
-def test_client_bad_deadline_is_config_invalid(tmp_path, env):
+def test_client_bad_deadline_is_config_invalid(tmp_path, client, env):
     result = client(tmp_path / "absent.sock", b"aGVsbG8=\n",
                     env={"PATH": os.environ["PATH"], **env})
     assert_failure(result, "CONFIG_INVALID", 64)
