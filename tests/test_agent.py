@@ -596,6 +596,14 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_zero(keyed, agents):
     assert agent.lines()[-1] == "<5>stopped: every request in flight was answered"
 
 
+def test_sigterm_the_moment_it_is_ready_is_a_clean_stop(keyed, agents):
+    """systemd may stop the agent as soon as READY=1 arrives: it must drain and exit 0,
+    not die of the signal (before: the handlers came after READY=1)."""
+    agent = agents()  # returns once READY=1 has arrived
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=20) == 0, agent.text()
+
+
 def test_a_silent_connection_is_closed_and_blocks_nobody(keyed, agents):
     _, public = keyed
     agent = agents(args=["--read-timeout-ms", "700", "--workers", "1"])

@@ -249,6 +249,7 @@ def agent_main(args):
                f"{session.pinned_key.hex()} ({session.pinned_source}); "
                f"{config.agent_workers} workers; socket {where}; peers {peers.describe()}")
         agent.start_workers()
+        agent.take_signals()
         systemd.notify(os.environ, READY=1, MAINPID=os.getpid(),
                        STATUS=f"signing with key {session.key_id}, public key "
                               f"{session.pinned_key.hex()}")

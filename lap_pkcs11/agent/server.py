@@ -153,6 +153,7 @@ class Agent:
         self.stopping = False
         self.workers = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signals_taken = False
 
     # -- life cycle ---------------------------------------------------------
 
@@ -181,14 +182,22 @@ class Agent:
         if self.stop_reason is None:
             self.stop_reason = signal.Signals(signum).name
 
-    def run(self):
-        """Serve until SIGTERM/SIGINT or a refused PIN; return the exit code."""
+    def take_signals(self):
+        """From here on SIGTERM/SIGINT/SIGHUP drain and stop the agent (before READY=1:
+        systemd may stop it the moment it is ready)."""
+        if self._signals_taken:
+            return
+        self._signals_taken = True
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
         self.selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+
+    def run(self):
+        """Serve until SIGTERM/SIGINT or a refused PIN; return the exit code."""
+        self.take_signals()
         ping = systemd.watchdog_seconds(self.environ)
         next_ping = time.monotonic()
         while True:
