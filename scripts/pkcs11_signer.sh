@@ -1,7 +1,35 @@
-#!/bin/bash
-{ set +o xtrace +o verbose; } 2>/dev/null
-[[ ${SHELLOPTS@a}${BASHOPTS@a}${PS4@a}${BASH_XTRACEFD+x}${BASH_COMPAT+x} != *x* || ${BASH_SOURCE[0]} != "$0" ]] \
-  || exec env -u SHELLOPTS -u BASHOPTS -u PS4 -u BASH_XTRACEFD -u BASH_COMPAT "$BASH" -- "$0" "$@"
+#!/bin/bash -p
+{
+  { EARLY_OPTIONS=$-; set +o xtrace +o verbose; } 2>/dev/null
+  # Signals only noted until main's traps, then inherited options and the
+  # variables that carry them are dropped by a clean re-exec. Call the script by
+  # its path: its shebang's bash -p ignores SHELLOPTS, BASHOPTS and BASH_ENV from
+  # the start. `bash script` cannot: with SHELLOPTS=noexec it runs nothing, with
+  # onecmd only the shebang line (exit 0, empty stdout either way), verbose
+  # echoes lines and extdebug looks for bashdb before any line of ours runs.
+  unset -v EARLY_SIGNAL
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-HUP}' HUP
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-INT}' INT
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-QUIT}' QUIT
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-USR1}' USR1
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-USR2}' USR2
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-ALRM}' ALRM
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-TERM}' TERM
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-VTALRM}' VTALRM
+  trap 'EARLY_SIGNAL=${EARLY_SIGNAL:-PROF}' PROF
+  # Options beyond a script's own (h, B; p from the shebang), shopt options
+  # beyond the defaults, or the variables that carry them: start again clean.
+  if [[ $EARLY_OPTIONS != *p* && ${BASH_SOURCE[0]} == "$0" ]] \
+      && [[ ${SHELLOPTS@a}${BASHOPTS@a}${PS4@a}${BASH_XTRACEFD+x}${BASH_COMPAT+x}${BASH_ENV+x}${ENV+x} == *x* \
+            || -n ${EARLY_OPTIONS//[hB]/} \
+            || :$BASHOPTS: =~ :(extdebug|failglob|nocaseglob|nocasematch|nullglob|dotglob|globstar|lastpipe|xpg_echo|inherit_errexit|execfail|expand_aliases|extglob|shift_verbose|gnu_errfmt|localvar_inherit|localvar_unset|assoc_expand_once|varredir_close|noexpand_translation|compat[0-9]+): ]]; then
+    exec env -u SHELLOPTS -u BASHOPTS -u PS4 -u BASH_XTRACEFD -u BASH_COMPAT -u BASH_ENV -u ENV \
+      "$BASH" -p -- "$0" "$@"
+    printf 'lap-pkcs11: SIGNING_FAILED: bash could not be started again without the inherited shell options\n' >&2
+    exit 70
+  fi
+  unset -v EARLY_OPTIONS
+}
 # Usage: pkcs11_signer.sh [OPTIONS] < message > signature
 #
 # The shell mirror of `lap-pkcs11 sign`, for hosts with only bash, coreutils,
@@ -41,6 +69,27 @@
 # deadline) caps the deadline, less 250 ms.
 # The env file and the PIN file must be regular files of this user or root that
 # no one else may write (the PIN file: that others cannot read either).
+# The script's own globals: none is taken from the environment (an inherited
+# one is kept, unexported, for pkcs11-tool's environment only, in INHERITED).
+unset -v INHERITED CHILD_ENV
+declare -A INHERITED=() CHILD_ENV=()
+for _name in ANCESTORS B64 BACKSTOP_MS BYTES CALLER_END_US CALLER_MARGIN_MS CONF DEADLINE_US \
+    DECODER DIR ENV_FILE_LIMIT ERR_FD ERR_TEXT EXIT EXIT_CODE FILE_ENV FLAGS FLAG_ATTR F_ID \
+    F_MODE F_SIZE F_TYPE F_UID GATEWAY_MARKERS GRACE_MS GUARD_REMEMBERED HELPER INFO IN_STDIN \
+    KEY_ID KILL_AT_US KILL_RESERVE_MS LINE LINES LINKS LOCKER LOCK_FD MADE MARKER MAX_MESSAGE \
+    MIN_DEADLINE_MS MIN_TOOL_MS MSG_FD OPTION_TABLE OUTPUT_LIMIT PARTS PIN_ENV PIN_FD \
+    PIN_FILE_LIMIT PIN_VALUE POLL_US READ_LIMIT SCRUBBED_ENV SECRET SECRET_FILE SELECTOR \
+    SIGNALS SIG_FD SIG_SCRATCH SRC START_US STATE_FILE_LIMIT STATUS STDERR STDOUT_CLOSED TEXT \
+    TIMEOUT_TOOL TOKEN_CONSTRAINTS TOOL TOOL_PID URI_ITEMS URI_MAX_LENGTH URI_NAME URI_ORDER \
+    URI_PATH URI_PATH_CHARS URI_QUERY URI_QUERY_CHARS URI_REFUSED URI_UNRESERVED URI_VAL VAL \
+    VERSION OPEN_END_US WRITE_WAIT; do
+  [[ ${!_name@a} == *x* ]] && INHERITED[$_name]=${!_name}
+  unset -v "$_name"
+done
+unset -v _name
+# The line's descriptor from the start: a signal's line goes to our stderr even
+# while a command of ours has its stderr redirected.
+if [[ -L /proc/self/fd/2 ]]; then exec {STDERR}>&2; fi
 set -Eeuo pipefail +o posix
 LC_ALL=C
 ulimit -c 0
@@ -55,6 +104,7 @@ readonly CALLER_MARGIN_MS=250 MIN_DEADLINE_MS=50
 # deadline overtakes gets GRACE_MS more (the TIMEOUT line is written at once),
 # but never past the caller's own deadline less KILL_RESERVE_MS.
 # When we are gone, timeout(1) kills the tool's group BACKSTOP_MS after kill_at.
+readonly WRITE_WAIT=0.2  # stdout: a full pipe nobody reads is an error after this
 readonly MIN_TOOL_MS=50 GRACE_MS=200 KILL_RESERVE_MS=50 BACKSTOP_MS=20 POLL_US=20000
 readonly ENV_FILE_LIMIT=1048576 PIN_FILE_LIMIT=4096 STATE_FILE_LIMIT=4096 OUTPUT_LIMIT=65536
 readonly GUARD_REMEMBERED=8  # rejected PINs the guard keeps
@@ -185,7 +235,7 @@ close_stray_fds() {
   local path fd
   for path in /proc/self/fd/*; do
     fd=${path##*/}
-    if ((fd > 2)) && [[ -L $path && ! $path -ef ${BASH_SOURCE[0]} ]]; then
+    if ((fd > 2 && fd != ${STDERR:-2})) && [[ -L $path && ! $path -ef ${BASH_SOURCE[0]} ]]; then
       exec {fd}>&-
     fi
   done
@@ -196,7 +246,7 @@ close_stray_fds() {
 check_stdio() {
   [[ -L /proc/self/fd/0 ]] || exec 0</dev/null
   [[ -L /proc/self/fd/2 ]] || exec 2>/dev/null
-  exec {STDERR}>&2
+  [[ -n ${STDERR-} ]] || exec {STDERR}>&2
   [[ -L /proc/self/fd/1 ]] && return 0
   exec 1>/dev/null
   STDOUT_CLOSED=1
@@ -268,9 +318,51 @@ open_named() {
   local path=$1 what=$2 fd
   [[ -e $path ]] || fail CONFIG_INVALID "$what $path cannot be read (no such file); fix the path or its permissions"
   [[ -f $path ]] || fail CONFIG_INVALID "$what $path is not a regular file; name a regular file"
-  { exec {fd}<"$path"; } 2>/dev/null \
-    || fail CONFIG_INVALID "$what $path cannot be read (permission denied); fix the path or its permissions"
+  open_safely "$path" || {
+    (($? == 1)) && fail CONFIG_INVALID "$what $path cannot be read (permission denied); fix the path or its permissions"
+    fail CONFIG_INVALID "$what $path is not a regular file; name a regular file"
+  }
+  fd=$REPLY
   [[ -f /dev/fd/$fd ]] || fail CONFIG_INVALID "$what $path is not a regular file; name a regular file"
+  REPLY=$fd
+}
+
+# open_safely PATH: open PATH for reading into REPLY without ever blocking: a
+# FIFO swapped in after our checks would block an open (bash cannot open with
+# O_NONBLOCK), so a child opens it and we reopen its descriptor through /proc
+# only once it is a regular file; a child still blocked at OPEN_END_US (or
+# 0.05 s from now, when that has passed) is killed. Returns 1 when the file
+# cannot be opened, 2 when it is not a regular file (or the open blocked).
+open_safely() {
+  local path=$1 sync hold held pid="" fd="" left
+  exec {hold}<<< ""
+  read -r -u "$hold" _
+  exec {held}> "/dev/fd/$hold"  # the child waits on it until we are done
+  exec {sync}< <(
+    exec {STDERR}>&- {held}>&- 2>/dev/null
+    exec {fd}<"$path" || exit 0
+    printf '%s %s\n' "$BASHPID" "$fd"
+    exec >&-
+    read -r -t 10 -u "$hold" _ || true
+  )
+  local child=$!
+  left=$((OPEN_END_US - ${EPOCHREALTIME/./}))
+  ((left >= 50000)) || left=50000
+  seconds "$left"
+  local rc=0
+  IFS=' ' read -r -t "$REPLY" -u "$sync" pid fd || rc=$?
+  exec {sync}<&- {hold}<&-
+  if [[ -z $pid ]]; then
+    exec {held}>&-
+    ((rc > 128)) || return 1
+    kill -KILL "$child" 2>/dev/null || true
+    return 2
+  fi
+  if [[ ! -f /proc/$pid/fd/$fd ]] || ! { exec {fd}<"/proc/$pid/fd/$fd"; } 2>/dev/null; then
+    exec {held}>&-
+    return 2
+  fi
+  exec {held}>&-
   REPLY=$fd
 }
 
@@ -473,7 +565,18 @@ resolve() {
   fi
   # No implicit ./.env.pkcs11: the caller's working directory is no place for
   # the signer's configuration, and a file there may be anyone's.
-  [[ ${SRC[env_file]} == unset ]] || load_env_file "$path"
+  if [[ ${SRC[env_file]} != unset ]]; then
+    # The deadline is not known before the env file is read: its open is bounded
+    # by the one the flags or the environment give, else the default.
+    local ms=1500 text
+    for text in "${FLAGS[timeout_ms]-}" "${LAP_PKCS11_TIMEOUT_MS-}" "${SIGNER_TIMEOUT_MS-}"; do
+      [[ -n $text ]] || continue
+      [[ $text =~ ^[0-9]{1,6}$ ]] && ms=$((10#$text))
+      break
+    done
+    OPEN_END_US=$((START_US + ms * 1000))
+    load_env_file "$path"
+  fi
   VAL[env_file]=$path
   # Each option's raw text by precedence: flag, environment, env file, default;
   # parsed at once, unless a URI (the table's first option) is given: then all
@@ -887,23 +990,41 @@ read_base64() {
 # A PIN file is opened here (or was, in begin_inspect), checked and read in inspect_files.
 prepare_environment() {
   local name
+  # Nothing here becomes a variable of ours: the names go to CHILD_ENV, which
+  # only the tool chain's subshell exports.
+  for name in "${!INHERITED[@]}"; do CHILD_ENV[$name]=${INHERITED[$name]}; done
   for name in "${!FILE_ENV[@]}"; do
-    [[ -v $name ]] || export "$name=${FILE_ENV[$name]}"
+    in_environment "$name" || CHILD_ENV[$name]=${FILE_ENV[$name]}
   done
-  for name in "${SCRUBBED_ENV[@]}"; do unset "$name"; done
+  for name in "${SCRUBBED_ENV[@]}"; do unset "$name" 'CHILD_ENV[$name]'; done
   PIN_ENV=${VAL[pin_env]}
   if [[ -v VAL[pin_file] ]]; then
     [[ ${SRC[pin_env]} == default ]] || fail CONFIG_INVALID "both --pin-file and --pin-env are set; keep only one"
-    [[ -n ${!PIN_ENV-} ]] && fail CONFIG_INVALID "the PIN is given twice: in $PIN_ENV and in --pin-file; remove one"
+    env_value "$PIN_ENV" && [[ -n $REPLY ]] && fail CONFIG_INVALID "the PIN is given twice: in $PIN_ENV and in --pin-file; remove one"
     if [[ -z ${PIN_FD-} ]]; then
       open_named "${VAL[pin_file]}" "PIN file"
       PIN_FD=$REPLY
     fi
     return 0
   fi
-  [[ -v $PIN_ENV ]] || fail PIN_MISSING "no PIN: set $PIN_ENV or give --pin-file"
-  [[ -n ${!PIN_ENV} ]] || fail PIN_MISSING "no PIN: $PIN_ENV is empty"
-  export "${PIN_ENV?}"
+  env_value "$PIN_ENV" || fail PIN_MISSING "no PIN: set $PIN_ENV or give --pin-file"
+  [[ -n $REPLY ]] || fail PIN_MISSING "no PIN: $PIN_ENV is empty"
+  PIN_VALUE=$REPLY
+}
+
+# in_environment NAME: whether the environment we were given holds NAME.
+in_environment() {
+  [[ -v INHERITED[$1] ]] && return 0
+  [[ -v $1 && ${!1@a} == *x* ]]
+}
+
+# env_value NAME: NAME's value in the environment, else in the env file, into REPLY.
+env_value() {
+  if [[ -v INHERITED[$1] ]]; then REPLY=${INHERITED[$1]}
+  elif [[ -v $1 && ${!1@a} == *x* ]]; then REPLY=${!1}
+  elif [[ -v FILE_ENV[$1] ]]; then REPLY=${FILE_ENV[$1]}
+  else return 1
+  fi
 }
 
 read_pin_file() {
@@ -913,7 +1034,7 @@ read_pin_file() {
   exec {PIN_FD}<&-
   pin=${pin%$'\r'}
   [[ -n $pin ]] || fail PIN_MISSING "PIN file $pin_file is empty; write the user PIN in it"
-  export "$PIN_ENV=$pin"
+  PIN_VALUE=$pin
 }
 
 find_tool() {
@@ -977,7 +1098,9 @@ lock_dir() {
 # helper subshell that runs it is also the stdin alarm (start_helper).
 begin_inspect() {
   local names=() path pin=${VAL[pin_file]-}
-  if [[ -n $pin && -f $pin ]] && { exec {PIN_FD}<"$pin"; } 2>/dev/null; then
+  OPEN_END_US=$DEADLINE_US
+  if [[ -n $pin && -f $pin ]] && open_safely "$pin"; then
+    PIN_FD=$REPLY
     if [[ -f /dev/fd/$PIN_FD ]]; then names+=("/dev/fd/$PIN_FD"); else exec {PIN_FD}<&-; unset PIN_FD; fi
   fi
   # pkcs11-tool's SOFTHSM2_CONF: the real environment's, else the env file's.
@@ -1193,7 +1316,7 @@ guard_secret() {
 
 # guard_fingerprint: sha256(secret, newline, PIN) into REPLY.
 guard_fingerprint() {
-  read -r REPLY _ < <(printf '%s\n%s' "$SECRET" "${!PIN_ENV}" | sha256sum)
+  read -r REPLY _ < <(printf '%s\n%s' "$SECRET" "$PIN_VALUE" | sha256sum)
 }
 
 check_pin_guard() {
@@ -1259,7 +1382,7 @@ run_tool() {
     # base64 (started by the subshell that becomes the tool chain, not by us)
     # reads the tool's stdout; the signature pipe ends when it exits.
     exec {watch}< <(
-      exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec {STDERR}>&-; child_env
       exec setsid -- "$TIMEOUT_TOOL" -s KILL "$backstop" "$TOOL" "$@" </dev/null 2>&1 \
         > >(exec base64 -w0 > "/dev/fd/$SIG_FD" 2>/dev/null)
     )
@@ -1267,7 +1390,7 @@ run_tool() {
   else
     listing=1
     exec {watch}< <(
-      exec {STDERR}>&-; [[ -v LOCK_FD ]] && exec {LOCK_FD}>&-
+      exec {STDERR}>&-; child_env
       exec setsid -- "$TIMEOUT_TOOL" -s KILL "$backstop" "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
     )
     TOOL_PID=$!
@@ -1319,6 +1442,16 @@ run_tool() {
     say TIMEOUT "pkcs11-tool did not finish before the deadline; check the token, pcscd and --timeout-ms"
   fi
   [[ -z $LINE ]] || late_tool
+}
+
+# child_env: in the tool chain's subshell, pkcs11-tool's environment: ours, the
+# env file's names that the environment lacks, and the PIN. The lock descriptor
+# stays open in the chain: the token stays locked until the whole tool group is
+# gone, even when we are SIGKILLed.
+child_env() {
+  local name
+  for name in "${!CHILD_ENV[@]}"; do export "$name=${CHILD_ENV[$name]}" 2>/dev/null || true; done
+  export "$PIN_ENV=$PIN_VALUE" 2>/dev/null || true
 }
 
 # tool_exited: the leader (timeout) has exited though a helper of the tool may
@@ -1619,11 +1752,33 @@ write_signature() {
     raw) decode_signature "$1"
          for ((i = 0; i < 64; i++)); do printf -v out '%s\\x%02x' "$out" "${BYTES[i]}"; done ;;
   esac
-  if [[ ${VAL[output]} == raw ]]; then
-    # shellcheck disable=SC2059 # the format is our own \xHH escapes
-    printf "$out" 2> "/dev/fd/$ERR_FD" && return 0
+  local format='%s' stdout writer rc=""
+  [[ ${VAL[output]} == raw ]] && format=$out out=""
+  if [[ -f /dev/fd/1 ]]; then
+    # shellcheck disable=SC2059 # the format is '%s' or our own \xHH escapes
+    printf "$format" "$out" 2> "/dev/fd/$ERR_FD" && return 0
   else
-    printf '%s' "$out" 2> "/dev/fd/$ERR_FD" && return 0
+    # A pipe (or socket, terminal) may be full with nobody reading: a writer
+    # of its own, waited for WRITE_WAIT; at most 129 bytes, so a pipe gets all
+    # of it in one write or none.
+    exec {stdout}>&1
+    exec {writer}< <(
+      exec {STDERR}>&-
+      [[ -z ${LOCK_FD-} ]] || exec {LOCK_FD}>&-
+      rc=0
+      # shellcheck disable=SC2059 # as above
+      printf "$format" "$out" 1>&"$stdout" 2> "/dev/fd/$ERR_FD" || rc=1
+      printf '%s\n' "$rc"
+    )
+    local pid=$!
+    rc=""
+    IFS= read -r -t "$WRITE_WAIT" -u "$writer" rc || true
+    exec {writer}<&- {stdout}>&-
+    [[ $rc == 0 ]] && return 0
+    if [[ -z $rc ]]; then
+      kill -KILL "$pid" 2>/dev/null || true
+      fail SIGNING_FAILED "stdout cannot be written (nobody reads it); nothing was signed for the caller"
+    fi
   fi
   IFS= read -r -d '' -N 4096 err < "/dev/fd/$ERR_FD" || true
   while IFS= read -r line; do
@@ -1638,6 +1793,7 @@ main() {
     # shellcheck disable=SC2064 # the name is fixed now
     trap "on_signal $name" "$name"
   done
+  [[ -z ${EARLY_SIGNAL-} ]] || on_signal "$EARLY_SIGNAL"
   started_at
   close_stray_fds
   check_stdio
@@ -1683,6 +1839,8 @@ main() {
   forget_rejected_pin
   local signature=""
   IFS= read -r -N 65536 signature < "/dev/fd/$SIG_FD" || true
+  # The signature is ours: from now on a signal changes nothing.
+  trap '' "${SIGNALS[@]}"
   check_signature "$signature"
   check_pinned_key "$signature"
   write_signature "$signature"

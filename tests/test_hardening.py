@@ -709,3 +709,245 @@ def test_signs_as_an_ordinary_user(signer):
         assert (home / "run" / f"lap-pkcs11-{uid}").stat().st_uid == uid
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# --- Review 2 of the shell mirror ----------------------------------------------------------
+
+SHELL_ONLY = pytest.mark.skipif("shell" not in IMPLEMENTATIONS, reason="no shell mirror")
+
+
+def full_pipe():
+    """A pipe of 4096 bytes, already full, that nobody reads."""
+    read_end, write_end = os.pipe()
+    import fcntl
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ
+    os.write(write_end, b"x" * 4096)
+    return read_end, write_end
+
+
+def test_a_full_stdout_pipe_nobody_reads_is_one_line_and_frees_the_lock(signer, keyed):
+    """Before (shell): blocked in write forever, holding the token lock."""
+    token, public = keyed
+    read_end, write_end = full_pipe()
+    try:
+        proc = subprocess.Popen([*signer.argv, *token.args()], env=token.env, cwd=token.home,
+                                stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.PIPE)
+        try:
+            _, stderr = proc.communicate(MESSAGE, timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the signer hung on a full stdout")
+    finally:
+        os.close(write_end)
+        assert os.read(read_end, 8192) == b"x" * 4096, "a partial signature was written"
+        os.close(read_end)
+    assert_failure(subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr),
+                   "SIGNING_FAILED", 70)
+    assert b"stdout cannot be written (nobody reads it)" in stderr
+    assert_signs(signer, token, public, [*token.args(), "--timeout-ms", "1000"])
+
+
+def test_a_signal_after_the_signature_is_ready_changes_nothing(signer, keyed):
+    """The signature is ready and stdout is slow: a SIGTERM then is ignored and the
+    signature is printed. Before (shell): the signature and an error line, exit 70."""
+    token, public = keyed
+    done = token.home / "tool-done"
+    env, args = fake(token, "passthrough-done")
+    env["FAKE_DONE"] = str(done)
+    read_end, write_end = full_pipe()
+    try:
+        proc = subprocess.Popen([*signer.argv, *args], env=env, cwd=token.home,
+                                stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.PIPE)
+        proc.stdin.write(MESSAGE)
+        proc.stdin.close()
+        assert wait_for(done.exists), "pkcs11-tool never finished"
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert os.read(read_end, 4096) == b"x" * 4096
+        os.close(write_end)
+        write_end = None
+        proc.wait(timeout=10)
+        stdout = b""
+        while chunk := os.read(read_end, 4096):
+            stdout += chunk
+    finally:
+        if write_end is not None:
+            os.close(write_end)
+        os.close(read_end)
+    stderr = proc.stderr.read()
+    assert (proc.returncode, stderr) == (0, b"")
+    verify(public, MESSAGE, gateway_decode(stdout))
+
+
+@pytest.mark.parametrize("where", ["environment", "env file"])
+def test_the_signers_own_names_are_not_taken_from_outside(signer, keyed, where):
+    """HELPER, DECODER, PIN_FD and the like are the shell mirror's internal variables.
+    Before: HELPER=<pid> in the environment or the env file got that process killed,
+    DECODER=1 turned a good message into INPUT_INVALID."""
+    token, public = keyed
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        names = {"HELPER": str(victim.pid), "DECODER": "1", "LOCKER": str(victim.pid),
+                 "STDOUT_CLOSED": "1", "PIN_FD": "0", "STAT_FD": "0", "LOCK_FD": "0",
+                 "TOOL_PID": str(victim.pid)}
+        env, args = dict(token.env), token.args()
+        if where == "env file":
+            env_file = token.home / "signer.env"
+            env_file.write_text("".join(f"{k}={v}\n" for k, v in names.items()))
+            env_file.chmod(0o600)
+            args = [*args, "--env-file", str(env_file)]
+        else:
+            env.update(names)
+        message = token.home / "message"
+        message.write_bytes(MESSAGE)
+        with open(message, "rb") as stdin:  # a regular file: no stdin alarm of our own
+            result = signer(args, env=env, cwd=token.home, stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        verify(public, MESSAGE, gateway_decode(result.stdout))
+        assert victim.poll() is None, "the signer killed a process named in its environment"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@SHELL_ONLY
+@pytest.mark.parametrize("how,env", [
+    ("path", {"SHELLOPTS": "noexec"}),
+    ("path", {"SHELLOPTS": "verbose:onecmd"}),
+    ("path", {"BASHOPTS": "extdebug", "BASH_ENV": "/dev/null/x"}),
+    ("bash", {"BASHOPTS": "extdebug"}),
+    ("bash", {"SHELLOPTS": "xtrace:errtrace", "PS4": "+ "}),
+])
+def test_no_inherited_shell_option_changes_the_outcome(keyed, how, env):
+    """Before: SHELLOPTS=noexec gave exit 0 with no signature; onecmd ran one command
+    (exit 0, empty stdout). Through its shebang (bash -p) the script ignores them all;
+    `bash script` cannot ignore noexec, onecmd or verbose (they act on the shebang line,
+    before any line of ours runs), so those are tested by path only."""
+    token, public = keyed
+    from conftest import SHELL_SIGNER
+    argv = [str(SHELL_SIGNER)] if how == "path" else ["bash", str(SHELL_SIGNER)]
+    result = subprocess.run([*argv, *token.args()], input=MESSAGE, env=dict(token.env, **env),
+                            cwd=token.home, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+    if how == "bash" and "BASHOPTS" in env:
+        # extdebug makes bash look for its debugger before line 1: its own lines only.
+        assert all(b"bashdb" in line or b"debugging mode" in line
+                   for line in result.stderr.splitlines()), result.stderr
+    elif how == "bash" or "SHELLOPTS" not in env and "BASHOPTS" not in env:
+        assert result.stderr == b""
+    else:
+        # bash -p reports the variables it refuses to import; nothing else.
+        assert all(line.endswith(b": readonly variable")
+                   for line in result.stderr.splitlines()), result.stderr
+
+
+@SHELL_ONLY
+def test_a_signal_during_start_up_is_one_line_or_a_signature(keyed):
+    """Before: a signal before the traps were installed (main's, after the whole script
+    was read) killed bash with no line. A signal during bash's own start, before it has
+    opened the script, cannot be guarded against by the script: not tested."""
+    token, public = keyed
+    from conftest import SHELL_SIGNER
+    draw = random.Random(6)
+    for _ in range(200):
+        proc = subprocess.Popen(["bash", str(SHELL_SIGNER), *token.args()], env=token.env,
+                                cwd=token.home, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # From the moment bash has opened the script (fd 255): bash's own start before
+        # that is no script's to guard.
+        script = f"/proc/{proc.pid}/fd/255"
+        end = time.monotonic() + 10
+        while not os.path.exists(script) and time.monotonic() < end:
+            pass
+        time.sleep(draw.uniform(0.001, 0.005))
+        proc.send_signal(draw.choice([signal.SIGTERM, signal.SIGINT, signal.SIGHUP]))
+        stdout, stderr = proc.communicate(MESSAGE, timeout=30)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        assert proc.returncode >= 0, f"died of signal {-proc.returncode}"
+        if proc.returncode == 0:
+            verify(public, MESSAGE, gateway_decode(stdout))
+        else:
+            assert_failure(result, "SIGNING_FAILED", 70)
+
+
+@pytest.mark.parametrize("which", ["env file", "PIN file"])
+def test_a_fifo_swapped_in_after_the_checks_never_blocks(signer, keyed, which):
+    """Another user who may rename entries in the directory swaps a FIFO and a regular
+    file under the name. Before (shell): an open of the FIFO blocked forever."""
+    token, public = keyed
+    folder = token.home / "race"
+    folder.mkdir()
+    regular = folder / "a"
+    regular.write_text("X=1\n" if which == "env file" else USER_PIN + "\n")
+    regular.chmod(0o600)
+    target = folder / "named"
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            try:
+                os.link(regular, folder / "t1")
+            except FileExistsError:
+                pass
+            os.rename(folder / "t1", target)
+            if not (folder / "t2").exists():
+                os.mkfifo(folder / "t2", 0o600)
+            os.rename(folder / "t2", target)
+
+    env = dict(token.env)
+    args = [*token.args(), "--timeout-ms", "500"]
+    if which == "env file":
+        args += ["--env-file", str(target)]
+    else:
+        env.pop("PKCS11_PIN", None)
+        args += ["--pin-file", str(target)]
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        for _ in range(60):
+            started = time.monotonic()
+            try:
+                result = signer(args, MESSAGE, env=env, cwd=token.home, timeout=1.5)
+            except subprocess.TimeoutExpired:
+                pytest.fail("an open blocked past the deadline + 1 s")
+            assert time.monotonic() - started < 1.5
+            if result.returncode:
+                assert_failure(result, "CONFIG_INVALID" if result.returncode == 64
+                               else "TIMEOUT", result.returncode)
+    finally:
+        stop.set()
+        swapper.join()
+
+
+@SHELL_ONLY
+def test_a_killed_signers_tool_keeps_the_token_locked(keyed):
+    """FAKE wait-go: the signer is SIGKILLed while its slow tool runs; a second signer
+    starts its tool only once the first tool has finished. Before: the lock went with
+    the signer and the second tool ran beside the first."""
+    token, _ = keyed
+    shell = IMPLEMENTATIONS["shell"]()
+    order = token.home / "order"
+    go = token.home / "go"
+    env, args = fake(token, "wait-go")
+    env.update(FAKE_ORDER=str(order), FAKE_GO=str(go))
+    args = [*args, "--timeout-ms", "5000"]
+    first = subprocess.Popen([*shell.argv, *args], env=env, cwd=token.home,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    first.stdin.write(MESSAGE)
+    first.stdin.close()
+    assert wait_for(lambda: order.exists() and "start" in order.read_text())
+    first.kill()
+    first.wait()
+    second = subprocess.Popen([*shell.argv, *args], env=env, cwd=token.home,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    second.stdin.write(MESSAGE)
+    second.stdin.close()
+    time.sleep(0.5)
+    go.touch()
+    second.wait(timeout=30)
+    events = [line.split()[0] for line in order.read_text().splitlines()]
+    assert events[:3] == ["start", "finish", "start"], order.read_text()
