@@ -91,7 +91,7 @@ def test_completion_scripts(shell):
 def test_bash_completion_works_in_bash():
     """The script --show-completion prints, loaded into bash, completes a command."""
     script = lap("--show-completion", "bash").stdout.decode()
-    probe = (script + '\nCOMP_WORDS=(lap-pkcs11 inst); COMP_CWORD=1; '
+    probe = (script + '\nCOMP_WORDS=(lap-pkcs11 install-u); COMP_CWORD=1; '
              '_lap_pkcs11_completion lap-pkcs11; printf "%s\\n" "${COMPREPLY[@]}"')
     result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60,
                             env={"PATH": f"{Path(LAP).parent}:{os.environ['PATH']}"})
