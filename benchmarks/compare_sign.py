@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Benchmark: two or more `lap-pkcs11` installs' `sign` against bare pkcs11-tool, interleaved.
+
+Usage: python benchmarks/compare_sign.py ROUNDS NAME=PATH/TO/lap-pkcs11 [NAME=PATH ...]
+
+For comparing two versions of the signer in one run (e.g. before and after a
+change, each installed in its own non-editable venv): a throwaway SoftHSM2 token
+with one Ed25519 key, a 700-byte message sent as base64 the way the gateway
+sends it, every variant once per round in turn, p50 and its ratio to bare
+pkcs11-tool printed. Nothing is asserted: it prints numbers.
+"""
+
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+import time
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def main(argv):
+    rounds = int(argv[0])
+    home = Path(tempfile.mkdtemp(prefix="lap-compare-"))
+    (home / "tokens").mkdir()
+    (home / "run").mkdir(mode=0o700)
+    conf = home / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAP_", "SIGNER_"))}
+    env.update(SOFTHSM2_CONF=str(conf), PKCS11_PIN="246813", XDG_RUNTIME_DIR=str(home / "run"))
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "b", "--so-pin", "1234",
+                    "--pin", "246813"], env=env, check=True, capture_output=True)
+    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "b", "--login", "--pin",
+            "env:PKCS11_PIN"]
+    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "01"],
+                   env=env, check=True, capture_output=True)
+    message = os.urandom(700)
+    (home / "msg").write_bytes(message)
+    stdin = base64.b64encode(message) + b"\n"
+    args = ["sign", "--module", MODULE, "--token-label", "b", "--key-id", "01", "--input",
+            "base64"]
+    variants = {"bare": ([*tool, "--sign", "--mechanism", "EDDSA", "--id", "01",
+                          "--input-file", str(home / "msg")], None)}
+    for spec in argv[1:]:
+        name, exe = spec.split("=", 1)
+        variants[name] = ([exe, *args], stdin)
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (command, data) in variants.items():
+            start = time.perf_counter()
+            result = subprocess.run(command, input=data, env=env, capture_output=True)
+            samples[name].append((time.perf_counter() - start) * 1000)
+            if result.returncode != 0:
+                sys.exit(f"{name} failed: {result.stderr.decode(errors='replace').strip()}")
+    bare = statistics.median(samples["bare"])
+    for name, values in samples.items():
+        p50 = statistics.median(values)
+        print(f"{name:10s} p50 {p50:6.2f} ms  ratio {p50 / bare:5.2f}x")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
