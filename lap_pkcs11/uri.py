@@ -108,7 +108,8 @@ def parse(text):
     """The attributes of a PKCS#11 URI, in order; ValueError says what is wrong."""
     if len(text) > MAX_LENGTH:
         raise ValueError(f"is longer than {MAX_LENGTH} characters")
-    if text[:len(SCHEME)].lower() != SCHEME:
+    # ASCII only: str.lower() would take the Kelvin sign (U+212A) for "k".
+    if not text[:len(SCHEME)].isascii() or text[:len(SCHEME)].lower() != SCHEME:
         raise ValueError("is not a PKCS#11 URI: it must start with pkcs11:")
     if "#" in text:
         raise ValueError("has a # (a fragment), which a PKCS#11 URI does not have; "
