@@ -41,7 +41,7 @@ import time
 from lap_pkcs11 import errors, process, wire
 from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
 from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.streams import decode_base64, read_stdin, write_stderr, write_stdout
+from lap_pkcs11.streams import answer, decode_base64, read_stdin, start, write_stderr
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"
@@ -418,23 +418,13 @@ def run(args, started):
 def main(args, started=None):
     """Run ``client``; return the exit code the signer produced (or the client's own)."""
     try:
-        closed = process.harden()
+        started, closed = start(started)
     except errors.SignerError as err:
         write_stderr(err.line() + "\n")
         return err.exit_code
-    # The caller's deadline runs from before it started us: count the interpreter's start.
-    started = min(started or time.monotonic(), process.started_at())
     if 1 in closed:
         failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
                                        "signature, so nothing was asked of the signer")
         write_stderr(failure.line() + "\n")
         return failure.exit_code
-    code, out, err = run(args, started)
-    if out:
-        try:
-            write_stdout(out)
-        except errors.SignerError as failure:
-            code, err = failure.exit_code, failure.line() + "\n"
-    if err:
-        write_stderr(err)
-    return code
+    return answer(*run(args, started))

@@ -14,13 +14,12 @@ the socket's MaxConnections. The process is hardened as sign's is.
 """
 
 import os
-import time
 
 from lap_pkcs11 import config as configuration
 from lap_pkcs11 import errors, process, wire
 from lap_pkcs11.options import BY_ATTR
 from lap_pkcs11.sign_cli import parse_args, run
-from lap_pkcs11.streams import write_stderr, write_stdout
+from lap_pkcs11.streams import start, write_stderr, write_stdout
 
 # What serve reads after answering early (e.g. a bad configuration, before the
 # payload was read), so that closing does not reset the client's connection
@@ -143,11 +142,10 @@ def main(args, started=None):
         write_stdout(USAGE.encode())
         return 0
     try:
-        closed = process.harden()
+        started, closed = start(started)
     except errors.SignerError as err:
         write_stderr(err.line() + "\n")
         return err.exit_code
-    started = min(started or time.monotonic(), process.started_at())
     if 0 in closed or 1 in closed:
         write_stderr(errors.SigningFailed("serve has no connection on stdin and stdout; it is "
                                           "started by lap-pkcs11-signer.socket").line() + "\n")

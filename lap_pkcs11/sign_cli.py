@@ -9,14 +9,13 @@ new process, and those imports alone cost many times a signature).
 
 import binascii
 import os
-import time
 
 from lap_pkcs11 import config as configuration
 from lap_pkcs11 import errors, process
 from lap_pkcs11.config import check_gateway_input
 from lap_pkcs11.options import BY_FLAG, OPTIONS
 from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
-from lap_pkcs11.streams import decode_base64, read_stdin, write_stderr, write_stdout
+from lap_pkcs11.streams import answer, decode_base64, read_stdin, start, write_stderr
 from lap_pkcs11.tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
@@ -157,23 +156,13 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
 def main(args, started=None):
     """Run ``sign`` with ``args``; return the exit code."""
     try:
-        closed = process.harden()
+        started, closed = start(started)
     except errors.SignerError as err:
         write_stderr(err.line() + "\n")
         return err.exit_code
-    started = min(started or time.monotonic(), process.started_at())
     if 1 in closed:
         failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
                                        "signature, so nothing was signed")
         write_stderr(failure.line() + "\n")
         return failure.exit_code
-    announce = Announcer(write_stderr)
-    code, out, err = run(args, started, announce=announce)
-    if out:
-        try:
-            write_stdout(out)
-        except errors.SignerError as failure:
-            code, err = failure.exit_code, failure.line() + "\n"
-    if err:
-        write_stderr(err)
-    return code
+    return answer(*run(args, started, announce=Announcer(write_stderr)))

@@ -71,3 +71,24 @@ def write_stderr(text):
                           time.monotonic() + OUTPUT_WAIT_SECONDS)
     except OSError:
         pass
+
+
+def start(started=None):
+    """Harden the process (``process.harden``) and count its start from the kernel's
+    clock: the caller's deadline runs from before it started us. Return (start,
+    the standard descriptors that were closed); a failure raises SignerError."""
+    closed = process.harden()
+    return min(started or time.monotonic(), process.started_at()), closed
+
+
+def answer(code, out, err):
+    """Print a command's outcome: ``out`` on stdout (a failure to is the error then),
+    ``err`` on stderr; return the exit code."""
+    if out:
+        try:
+            write_stdout(out)
+        except errors.SignerError as failure:
+            code, err = failure.exit_code, failure.line() + "\n"
+    if err:
+        write_stderr(err)
+    return code
