@@ -90,6 +90,21 @@ def test_pin_comes_from_a_credential_not_the_environment_file():
     assert unit_value(SERVICE, "LoadCredential") == ["pin:/etc/lap-pkcs11/pin"]
 
 
+SO_ACCEPTCON = 0x10000  # the flag /proc/net/unix shows on a listening socket
+
+
+def listening(path):
+    """Whether a socket bound at ``path`` listens, read from /proc/net/unix without
+    connecting (a probe connection would start a service instance)."""
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & SO_ACCEPTCON:
+                return True
+    return False
+
+
 class Activated:
     """systemd-socket-activate running the service's own ExecStart per connection."""
 
@@ -119,9 +134,10 @@ class Activated:
                                       "-l", str(self.path), *flags, *argv],
                                      stdout=self.log, stderr=self.log, start_new_session=True,
                                      **popen)
+        # The path appears at bind(), before listen(): a connect() in between is refused.
         deadline = time.monotonic() + 10
-        while not self.path.exists():
-            assert time.monotonic() < deadline, "socket never appeared"
+        while not listening(self.path):
+            assert time.monotonic() < deadline, "socket never listened"
             time.sleep(0.02)
 
     def close(self):
