@@ -3,9 +3,10 @@
 ``sign_argv``, ``list_objects_argv`` and their siblings build argument vectors (pure functions, and
 never with the PIN in them: it travels as ``--pin env:NAME``). ``run`` starts the
 tool with no shell, in a new session (so it has no terminal to prompt on and its
-whole process group can be killed), under coreutils' ``timeout`` (so its whole
-group is killed by our deadline even when we are gone, see ``chain_prefix``), with the message in an anonymous memory file
-and its stdout and stderr in two more, and waits for it against a deadline.
+whole process group can be killed), watched by a small shell watchdog (so its
+whole group is killed at our kill time even when we are gone, see ``WATCHDOG``),
+with the message in an anonymous memory file and its stdout and stderr in two
+more, and waits for it against a deadline.
 ``classify`` turns the tool's stderr into a typed error. ``Deadline`` keeps the
 tool from being killed inside a login or a signature that would have finished.
 
@@ -21,7 +22,7 @@ from lap_pkcs11 import errors, process
 
 # What we read back of the tool's stdout and stderr at most.
 OUTPUT_LIMIT = 1 << 16
-TIMEOUT_CANDIDATES = ("/usr/bin/timeout", "/bin/timeout")
+SHELL = "/bin/sh"
 # pkcs11-tool is not started with less than this left: its run measured here
 # 6.5 ms idle and 13 ms p50 / 24 ms p99 / 37 ms max with both cores saturated,
 # and killing it inside a login can empty SoftHSM2's token file for good.
@@ -31,8 +32,24 @@ MIN_TOOL_MS = 50
 GRACE_MS = 200
 # The kill comes this long before the caller's own end at the latest.
 KILL_RESERVE_MS = 50
-# timeout(1)'s own kill, should we be gone, comes this long after ``kill_at``.
+# The watchdog's own kill, should we be gone, comes this long after ``kill_at``.
 BACKSTOP_SLACK_MS = 20
+# The watchdog: after $1 seconds, SIGKILL the process group $2 (the tool's, led by
+# the tool, pid $2), unless pid $2 now names a process that is not the tool (its
+# start time, field 22 of /proc/PID/stat, is not $3): the tool ended and its pid
+# went to another. A group whose leader is gone and reaped still holds its id,
+# so with no process $2 the group is still the tool's (its helpers) or empty.
+WATCHDOG = """sleep "$1" || exit 0
+group=$2 start=$3
+if read -r stat 2>/dev/null < "/proc/$group/stat"; then
+  set -f
+  set -- ${stat##*) }
+  shift 19
+  [ "$1" = "$start" ] || exit 0
+fi
+kill -s KILL -- "-$group"
+"""
+_WATCHDOG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 _SIGKILL = 9
 
 
@@ -162,25 +179,33 @@ def require_module(config):
     return info
 
 
-def _first_executable(candidates, what):
-    for path in candidates:
-        if os.access(path, os.X_OK):
-            return path
-    raise errors.ToolNotFound(f"{what} is missing; install it")
+def _start_time(pid):
+    """Field 22 of /proc/PID/stat (the start time, in clock ticks since boot), as text."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode()
+    finally:
+        os.close(fd)
 
 
-def chain_prefix(deadline):
-    """What runs pkcs11-tool: coreutils' ``timeout -s KILL SECONDS``, up to ``kill_at``.
+def start_watchdog(pid, deadline):
+    """Start the watchdog of the tool ``pid`` (``WATCHDOG``); return its pid.
 
-    ``timeout`` leads the tool's process group and kills all of it (a module's
-    helper processes too) when the time is up, even when we are gone: a caller
-    that SIGKILLs us cannot leave it running past our deadline, nor kill it
-    inside a login, which would empty SoftHSM2's token file. While we live, we
-    kill the group ourselves at ``kill_at``; its own clock runs a little longer.
+    It kills the tool's whole process group (a module's helper processes too)
+    at ``kill_at`` plus a little, even when we are gone: a caller that SIGKILLs
+    us cannot leave the tool running past our deadline, nor kill it inside a
+    login, which would empty SoftHSM2's token file. While we live, we kill the
+    group ourselves at ``kill_at`` and the watchdog with it. It starts after
+    the tool, off the signature's path (a ``timeout`` in front of the tool
+    measured +2 ms p50 here); it leads a process group of its own, and its
+    standard streams are /dev/null, so that it never holds our caller's pipes.
     """
     seconds = max(deadline.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000
-    return [_first_executable(TIMEOUT_CANDIDATES, "timeout (coreutils)"), "-s", "KILL",
-            f"{seconds:.3f}"]
+    null = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+    argv = [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", f"{seconds:.3f}", str(pid),
+            _start_time(pid)]
+    return os.posix_spawn(SHELL, argv, _WATCHDOG_ENV, file_actions=null, setpgroup=0)
 
 
 def memory_file(name, data=b""):
@@ -229,20 +254,29 @@ def run(argv, env, deadline, stdin_data=None):
         actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
     if deadline.held is not None:
         actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
+    if not os.access(SHELL, os.X_OK):
+        raise errors.ToolNotFound(f"{SHELL} is missing; the watchdog of pkcs11-tool needs it")
+    watchdog = None
     try:
-        spawn_argv = [*chain_prefix(deadline), *argv]
-        pid = os.posix_spawn(spawn_argv[0], spawn_argv, env, file_actions=actions, setsid=True)
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
         try:
+            watchdog = start_watchdog(pid, deadline)
             process.finish_hardening()  # while the tool starts, not before
-        except errors.SignerError as failure:
-            try:  # no answer comes from a dumpable signer; the tool still gets its grace
+        except (OSError, errors.SignerError) as failure:
+            try:  # no answer comes without both; the tool still gets its grace
                 _wait(pid, Deadline(time.monotonic()))
             except errors.SignerError:
                 pass
+            if isinstance(failure, OSError):
+                raise errors.SigningFailed(f"the watchdog of pkcs11-tool did not start "
+                                           f"({failure.strerror or failure})") from None
             raise failure
         status = _wait(pid, deadline)
         return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:
+        if watchdog is not None:
+            _kill_group(watchdog)
+            os.waitpid(watchdog, 0)
         for fd in fds:
             os.close(fd)
 

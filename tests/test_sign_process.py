@@ -4,8 +4,10 @@ import base64
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +154,120 @@ def test_env_file_variables_reach_the_tool_under_the_real_environment(signer, ke
     seen = dict(line.split("=", 1) for line in recorded(record, "env"))
     assert seen["VENDOR_SETTING"] == "from-file"
     assert seen["SOFTHSM2_CONF"] == str(token.conf)
+
+
+# ---- the Python signer's watchdog -------------------------------------------------------
+
+def watchdog(shell, seconds, pid, start):
+    from lap_pkcs11 import tool
+
+    return subprocess.run([shell, "-c", tool.WATCHDOG, "lap-pkcs11-watchdog", str(seconds),
+                           str(pid), start], capture_output=True, timeout=30)
+
+
+SHELLS = [shell for shell in ("/bin/sh", "/bin/bash", "/bin/dash") if os.path.exists(shell)]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(shell):
+    """A hung tool with a helper in its group, its signer gone: both die at the watchdog's time."""
+    from lap_pkcs11 import tool
+
+    leader = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; wait"], start_new_session=True,
+                              stdout=subprocess.PIPE)
+    helper = int(leader.stdout.readline())
+    try:
+        result = watchdog(shell, 0.1, leader.pid, tool._start_time(leader.pid))
+        assert result.returncode == 0, result.stderr
+        assert leader.wait(timeout=10) == -signal.SIGKILL
+        assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
+    finally:
+        subprocess.run(["kill", "-KILL", "--", f"-{leader.pid}"], capture_output=True)
+        leader.wait()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_watchdog_spares_a_process_that_took_the_tools_pid(shell):
+    """The tool ended and its pid was given to another process (another start time): the
+    watchdog must not kill that one."""
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        result = watchdog(shell, 0.05, other.pid, "1")
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.1)
+        assert other.poll() is None, "the watchdog killed a process that was not the tool"
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_watchdog_kills_the_helpers_of_a_tool_that_is_gone(shell):
+    """The tool exited and was reaped, its helper still runs in its group (no process has
+    the tool's pid, so the group is still the tool's): the helper dies."""
+    leader = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!"], start_new_session=True,
+                              stdout=subprocess.PIPE)
+    helper = int(leader.stdout.readline())
+    leader.wait()
+    try:
+        result = watchdog(shell, 0.05, leader.pid, "1")
+        assert result.returncode == 0, result.stderr
+        assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
+    finally:
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def watchdogs_of(pid):
+    """Processes whose command line is a watchdog of the tool ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+            except OSError:
+                continue
+            if b"lap-pkcs11-watchdog" in argv and str(pid).encode() in argv:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "hang"])
+def test_no_watchdog_outlives_the_python_signer(keyed, mode):
+    """FAKE tool (passthrough, then a hang killed at the deadline): when sign returns,
+    neither the tool nor its watchdog (nor the watchdog's sleep) is left."""
+    token, _ = keyed
+    record = token.home / "record"
+    env, args = fake(token, mode, record)
+    signer = subprocess.Popen([str(Path(sys.executable).parent / "lap-pkcs11"), "sign", *args,
+                               "--timeout-ms", "1500"], env=env, cwd=token.home,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    signer.stdin.write(MESSAGE)
+    signer.stdin.close()
+    assert wait_for(lambda: record.exists() and recorded(record, "pid")), "fake never started"
+    tool_pid = int(recorded(record, "pid")[0])
+    assert wait_for(lambda: watchdogs_of(tool_pid) or signer.poll() is not None)
+    seen = watchdogs_of(tool_pid)
+    signer.wait(timeout=30)
+    assert seen or mode == "passthrough", "no watchdog watched the hung tool"
+    assert watchdogs_of(tool_pid) == [] and not alive(tool_pid)
+
+
+def test_the_watchdog_takes_nothing_from_path(keyed):
+    """An impostor sh or sleep first on PATH never runs: the watchdog is /bin/sh with its
+    own PATH."""
+    token, public = keyed
+    bin_dir = token.home / "bin"
+    bin_dir.mkdir()
+    marker = token.home / "impostor-ran"
+    for name in ("sh", "sleep", "kill"):
+        (bin_dir / name).write_text(f'#!/bin/bash\ntouch {marker}\nexec /bin/{name} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = dict(token.env, PATH=f"{bin_dir}:{token.env['PATH']}")
+    result = subprocess.run([str(Path(sys.executable).parent / "lap-pkcs11"), "sign",
+                             *token.args()], input=MESSAGE, env=env, cwd=token.home,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+    assert not marker.exists(), "a program from PATH ran as the watchdog"
