@@ -136,10 +136,15 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
         if caller_end is None and config.caller_timeout_ms is not None:
             caller_end = started + config.caller_timeout_ms / 1000
         deadline = Deadline(end, caller_end, announce)
-        message = read_message(config.input, read or (
-            lambda limit: read_stdin(limit, deadline.end)))
-        process.check_interrupted()
-        signature = sign(config, message, environ, deadline)
+        try:
+            # pkcs11-tool's watchdog, started now: its start overlaps reading the message.
+            deadline.watch()
+            message = read_message(config.input, read or (
+                lambda limit: read_stdin(limit, deadline.end)))
+            process.check_interrupted()
+            signature = sign(config, message, environ, deadline)
+        finally:
+            deadline.release()
         return 0, encode(signature, config.output), ""
     except errors.SignerError as err:
         return err.exit_code, b"", "" if announce.done else err.line() + "\n"

@@ -344,6 +344,10 @@ def sign(config, message, environ, deadline):
     """
     if not isinstance(deadline, tool.Deadline):
         deadline = tool.Deadline(deadline)
+        try:
+            return sign(config, message, environ, deadline)
+        finally:
+            deadline.release()
     check_message(message)
     env = config.child_environment(environ)
     pin_env = read_pin(config, env)

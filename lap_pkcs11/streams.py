@@ -77,7 +77,11 @@ def start(started=None):
     """Harden the process (``process.harden``) and count its start from the kernel's
     clock: the caller's deadline runs from before it started us. Return (start,
     the standard descriptors that were closed); a failure raises SignerError."""
-    closed = process.harden()
+    try:
+        closed = process.harden()
+    except (OSError, ImportError) as err:  # e.g. no descriptor left to load a module with
+        raise errors.SigningFailed(f"the process cannot be prepared ({err}); nothing was "
+                                   "signed") from None
     return min(started or time.monotonic(), process.started_at()), closed
 
 

@@ -3,8 +3,9 @@
 ``sign_argv``, ``list_objects_argv`` and their siblings build argument vectors (pure functions, and
 never with the PIN in them: it travels as ``--pin env:NAME``). ``run`` starts the
 tool with no shell, in a new session (so it has no terminal to prompt on and its
-whole process group can be killed), watched by a small shell watchdog (so its
-whole group is killed at our kill time even when we are gone, see ``WATCHDOG``),
+whole process group can be killed), watched by a small bash watchdog started
+before it (so its whole group is killed at our kill time even when we are gone,
+see ``Deadline.watch``),
 with the message in an anonymous memory file and its stdout and stderr in two
 more, and waits for it against a deadline.
 ``classify`` turns the tool's stderr into a typed error. ``Deadline`` keeps the
@@ -22,7 +23,10 @@ from lap_pkcs11 import errors, process
 
 # What we read back of the tool's stdout and stderr at most.
 OUTPUT_LIMIT = 1 << 16
-SHELL = "/bin/sh"
+# The watchdog's shell: bash, whose ``read -t`` waits without a child process.
+SHELL = "/bin/bash"
+# The tool's descriptor of the watchdog's pipe (the message is 3, the token lock 4).
+WATCHDOG_FD = 5
 # pkcs11-tool is not started with less than this left: its run measured here
 # 6.5 ms idle and 13 ms p50 / 24 ms p99 / 37 ms max with both cores saturated,
 # and killing it inside a login can empty SoftHSM2's token file for good.
@@ -34,23 +38,32 @@ GRACE_MS = 200
 KILL_RESERVE_MS = 50
 # The watchdog's own kill, should we be gone, comes this long after ``kill_at``.
 BACKSTOP_SLACK_MS = 20
-# The watchdog: after $1 seconds, SIGKILL the process group $2 (the tool's, led by
-# the tool, pid $2), unless pid $2 now names a process that is not the tool (its
-# start time, field 22 of /proc/PID/stat, is not $3): the tool ended and its pid
-# went to another. A group whose leader is gone and reaped still holds its id,
-# so with no process $2 the group is still the tool's (its helpers) or empty.
-WATCHDOG = """sleep "$1" || exit 0
-group=$2 start=$3
-if read -r stat 2>/dev/null < "/proc/$group/stat"; then
+# The watchdog starts before the tool and holds the read end of a pipe whose write
+# end the signer keeps and hands to the tool as WATCHDOG_FD (so the tool's helpers
+# inherit it too). When every writer is gone (the signer and the tool's group have
+# ended) it ends at once. Should $1 seconds pass first, the signer is gone or stuck:
+# it SIGKILLs every process that holds the pipe as WATCHDOG_FD, with its process
+# group, except the signer ($PPID). What holds the pipe is the tool, whatever pid it
+# has: nothing is killed on a pid alone, which another process may have taken since.
+# It starts no process of its own (read and kill are builtins): killing it leaves no
+# orphan behind.
+WATCHDOG = """read -r -t "$1" _ <&3
+[ $? -gt 128 ] || exit 0
+for held in /proc/[0-9]*/fd/5; do
+  [[ $held -ef /proc/$$/fd/3 ]] || continue
+  pid=${held#/proc/} pid=${pid%%/*}
+  [[ $pid != "$PPID" ]] || continue
+  read -r stat < "/proc/$pid/stat" || continue
   set -f
   set -- ${stat##*) }
-  shift 19
-  [ "$1" = "$start" ] || exit 0
-fi
-kill -s KILL -- "-$group"
+  set +f
+  kill -s KILL -- "-$3" "$pid" 2>/dev/null
+done
 """
 _WATCHDOG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 _SIGKILL = 9
+# How often the tool's state is asked for when no pidfd could be opened.
+PID_POLL_MS = 5
 
 
 class Deadline:
@@ -62,7 +75,7 @@ class Deadline:
     outcome at once, before that wait; all times are ``time.monotonic()`` seconds.
     """
 
-    __slots__ = ("end", "kill_at", "announce", "held")
+    __slots__ = ("end", "kill_at", "announce", "held", "watchdog", "watch_fd")
 
     def __init__(self, end, caller_end=None, announce=None):
         self.end = end
@@ -74,6 +87,58 @@ class Deadline:
         if caller_end is not None:
             self.kill_at = min(self.kill_at, caller_end - KILL_RESERVE_MS / 1000)
         self.announce = announce
+        # The watchdog's pid and the write end of its pipe, once ``watch`` started it.
+        self.watchdog = self.watch_fd = None
+
+    def watch(self):
+        """Start the watchdog (``WATCHDOG``), once, before any tool run.
+
+        At ``kill_at`` plus a little it kills every tool started under this
+        deadline, with its whole process group (a module's helper processes
+        too), should we be gone or stuck by then: a caller that SIGKILLs us, at
+        any moment, cannot leave a tool running past our deadline, nor kill it
+        inside a login, which would empty SoftHSM2's token file. Starting it
+        early lets its own start overlap our work up to the tool's (a ``timeout``
+        in front of the tool measured +2 ms p50 on sign here). It leads a
+        process group of its own, and its standard streams are /dev/null, so
+        that it never holds our caller's pipes. ``release`` ends it.
+        """
+        if self.watchdog is not None:
+            return
+        if not os.access(SHELL, os.X_OK):
+            raise errors.ToolNotFound(f"{SHELL} is missing; the watchdog of pkcs11-tool needs it")
+        seconds = max(self.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000
+        read_end = write_end = None
+        try:
+            read_end, write_end = os.pipe()
+            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                       (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2),
+                       (os.POSIX_SPAWN_DUP2, read_end, 3)]
+            self.watchdog = os.posix_spawn(
+                SHELL, [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", f"{seconds:.3f}"],
+                _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
+        except OSError as err:
+            if write_end is not None:
+                os.close(write_end)
+            raise errors.SigningFailed(f"the watchdog of pkcs11-tool did not start "
+                                       f"({err.strerror or err}); nothing was signed") from None
+        finally:
+            if read_end is not None:
+                os.close(read_end)
+        self.watch_fd = write_end
+
+    def release(self):
+        """End the watchdog, if any (every tool run under this deadline is over)."""
+        if self.watch_fd is not None:
+            os.close(self.watch_fd)
+            self.watch_fd = None
+        if self.watchdog is not None:
+            try:
+                os.kill(self.watchdog, _SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.watchdog, 0)
+            self.watchdog = None
 
     def left(self):
         return self.end - time.monotonic()
@@ -179,35 +244,6 @@ def require_module(config):
     return info
 
 
-def _start_time(pid):
-    """Field 22 of /proc/PID/stat (the start time, in clock ticks since boot), as text."""
-    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode()
-    finally:
-        os.close(fd)
-
-
-def start_watchdog(pid, deadline):
-    """Start the watchdog of the tool ``pid`` (``WATCHDOG``); return its pid.
-
-    It kills the tool's whole process group (a module's helper processes too)
-    at ``kill_at`` plus a little, even when we are gone: a caller that SIGKILLs
-    us cannot leave the tool running past our deadline, nor kill it inside a
-    login, which would empty SoftHSM2's token file. While we live, we kill the
-    group ourselves at ``kill_at`` and the watchdog with it. It starts after
-    the tool, off the signature's path (a ``timeout`` in front of the tool
-    measured +2 ms p50 here); it leads a process group of its own, and its
-    standard streams are /dev/null, so that it never holds our caller's pipes.
-    """
-    seconds = max(deadline.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000
-    null = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-            (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-    argv = [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", f"{seconds:.3f}", str(pid),
-            _start_time(pid)]
-    return os.posix_spawn(SHELL, argv, _WATCHDOG_ENV, file_actions=null, setpgroup=0)
-
-
 def memory_file(name, data=b""):
     """An anonymous in-memory file holding ``data``: nothing of it ever reaches a disk."""
     fd = os.memfd_create(name)
@@ -240,54 +276,64 @@ def run(argv, env, deadline, stdin_data=None):
     so one ``read()`` sees all of it. The tool is not started when too little time
     is left or a signal was noted; when the deadline passes while it runs (or a
     signal arrives), the outcome is announced at once, the tool may still finish
-    until ``kill_at``, and then its whole process group is killed and reaped.
+    until ``kill_at``, and then its whole process group is killed and reaped. The
+    deadline's watchdog (``Deadline.watch``) is running before the tool starts; a
+    deadline given as seconds is this run's own, and so is its watchdog.
     """
-    if not isinstance(deadline, Deadline):
+    owned = not isinstance(deadline, Deadline)
+    if owned:
         deadline = Deadline(deadline)
-    process.check_interrupted()
-    deadline.require_tool_time()
-    fds = [output_file("stdout"), output_file("stderr")]
-    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[1], 2)]
-    if stdin_data is not None:
-        fds.append(memory_file("message", stdin_data))
-        actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
-    if deadline.held is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
-    if not os.access(SHELL, os.X_OK):
-        raise errors.ToolNotFound(f"{SHELL} is missing; the watchdog of pkcs11-tool needs it")
-    watchdog = None
+    fds = []
     try:
+        process.check_interrupted()
+        deadline.require_tool_time()
+        deadline.watch()
+        try:
+            fds += [output_file("stdout"), output_file("stderr")]
+            if stdin_data is not None:
+                fds.append(memory_file("message", stdin_data))
+        except OSError as err:
+            raise errors.SigningFailed(f"cannot prepare pkcs11-tool's input and output "
+                                       f"({err.strerror or err}); nothing was signed") from None
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[1], 2),
+                   (os.POSIX_SPAWN_DUP2, deadline.watch_fd, WATCHDOG_FD)]
+        if stdin_data is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
+        if deadline.held is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
         try:
-            watchdog = start_watchdog(pid, deadline)
             process.finish_hardening()  # while the tool starts, not before
-        except (OSError, errors.SignerError) as failure:
-            try:  # no answer comes without both; the tool still gets its grace
+        except Exception as failure:
+            try:  # no answer comes from a dumpable signer; the tool still gets its grace
                 _wait(pid, Deadline(time.monotonic()))
             except errors.SignerError:
                 pass
-            if isinstance(failure, OSError):
-                raise errors.SigningFailed(f"the watchdog of pkcs11-tool did not start "
-                                           f"({failure.strerror or failure})") from None
-            raise failure
+            if isinstance(failure, errors.SignerError):
+                raise
+            raise errors.SigningFailed(f"core dumps cannot be switched off ({failure}); "
+                                       "nothing was signed") from None
         status = _wait(pid, deadline)
         return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:
-        if watchdog is not None:
-            _kill_group(watchdog)
-            os.waitpid(watchdog, 0)
         for fd in fds:
             os.close(fd)
+        if owned:
+            deadline.release()
 
 
 def _wait(pid, deadline):
     """The tool's exit code; on the deadline or a signal, the grace, the kill, the error."""
-    pidfd = os.pidfd_open(pid)
-    late, until, exited = None, deadline.end, False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # no descriptor left (EMFILE): ask for its state every few ms instead
+        pidfd = None
+    late, until, exited, status = None, deadline.end, False, None
     try:
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
         if process.wakeup_fd is not None:
             poller.register(process.wakeup_fd, select.POLLIN)
         while not exited:
@@ -304,15 +350,23 @@ def _wait(pid, deadline):
             left = until - time.monotonic()
             if late is not None and left <= 0:
                 break  # the grace is over
-            ready = [fd for fd, _ in poller.poll(max(left, 0) * 1000)]
-            exited = pidfd in ready
-            if ready and not exited:
+            wait_ms = max(left, 0) * 1000
+            ready = [fd for fd, _ in poller.poll(wait_ms if pidfd is not None else
+                                                 min(wait_ms, PID_POLL_MS))]
+            if pidfd is not None:
+                exited = pidfd in ready
+            else:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                exited = done == pid
+            if process.wakeup_fd in ready:
                 process.drain_wakeups()  # noted; a second signal changes nothing
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     if not exited:
         _kill_group(pid)
-    _, status = os.waitpid(pid, 0)
+    if not exited or pidfd is not None:
+        _, status = os.waitpid(pid, 0)
     _kill_group(pid)  # whatever the tool left behind in its process group goes with it
     if late is not None:
         raise late

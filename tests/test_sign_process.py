@@ -2,6 +2,7 @@
 
 import base64
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -158,85 +159,137 @@ def test_env_file_variables_reach_the_tool_under_the_real_environment(signer, ke
 
 # ---- the Python signer's watchdog -------------------------------------------------------
 
-def watchdog(shell, seconds, pid, start):
+def watchdog(seconds, pipe):
+    """Run the watchdog as the signer does, on the read end of ``pipe`` (the test keeps the
+    write end open as the signer would); return (its exit code, seconds it ran)."""
     from lap_pkcs11 import tool
 
-    return subprocess.run([shell, "-c", tool.WATCHDOG, "lap-pkcs11-watchdog", str(seconds),
-                           str(pid), start], capture_output=True, timeout=30)
+    began = time.monotonic()
+    child = os.posix_spawn(tool.SHELL, [tool.SHELL, "-c", tool.WATCHDOG, "lap-pkcs11-watchdog",
+                                        str(seconds)], {"PATH": "/usr/bin:/bin"},
+                           file_actions=[(os.POSIX_SPAWN_DUP2, pipe[0], 3)])
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), time.monotonic() - began
 
 
-SHELLS = [shell for shell in ("/bin/sh", "/bin/bash", "/bin/dash") if os.path.exists(shell)]
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(shell):
-    """A hung tool with a helper in its group, its signer gone: both die at the watchdog's time."""
+def start_tool(argv, pipe=None):
+    """A stand-in tool in its own session, holding ``pipe``'s write end as fd 5 as
+    pkcs11-tool does under the signer; return its pid."""
     from lap_pkcs11 import tool
 
-    leader = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; wait"], start_new_session=True,
-                              stdout=subprocess.PIPE)
-    helper = int(leader.stdout.readline())
+    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0)]
+    if pipe is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, pipe[1], tool.WATCHDOG_FD))
+    return os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+
+
+def helper_of(leader):
+    """The pid of the helper process a ``bash -c 'sleep 60 & ...'`` tool started."""
+    assert wait_for(lambda: children_of(leader)), "the stand-in tool started no helper"
+    return children_of(leader)[0]
+
+
+@pytest.fixture
+def pipe():
+    ends = os.pipe()
+    yield ends
+    for end in ends:
+        try:
+            os.close(end)
+        except OSError:
+            pass
+
+
+def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(pipe):
+    """A hung tool with a helper in its group, its signer gone or stuck: both die at the
+    watchdog's time."""
+    leader = start_tool(["bash", "-c", "sleep 60 & wait"], pipe)
+    helper = helper_of(leader)
     try:
-        result = watchdog(shell, 0.1, leader.pid, tool._start_time(leader.pid))
-        assert result.returncode == 0, result.stderr
-        assert leader.wait(timeout=10) == -signal.SIGKILL
+        code, seconds = watchdog(0.2, pipe)
+        assert code == 0 and seconds >= 0.2
+        _, status = os.waitpid(leader, 0)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
         assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
     finally:
-        subprocess.run(["kill", "-KILL", "--", f"-{leader.pid}"], capture_output=True)
-        leader.wait()
+        subprocess.run(["kill", "-KILL", "--", f"-{leader}"], capture_output=True)
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-def test_the_watchdog_spares_a_process_that_took_the_tools_pid(shell):
-    """The tool ended and its pid was given to another process (another start time): the
-    watchdog must not kill that one."""
-    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+def test_the_watchdog_spares_what_does_not_hold_its_pipe(pipe):
+    """A process that took the tool's place (no pipe), and one holding another pipe as fd 5:
+    neither is the tool, and neither is killed."""
+    other_pipe = os.pipe()
+    strangers = [start_tool(["sleep", "60"]), start_tool(["sleep", "60"], other_pipe)]
     try:
-        result = watchdog(shell, 0.05, other.pid, "1")
-        assert result.returncode == 0, result.stderr
+        code, _ = watchdog(0.05, pipe)
+        assert code == 0
         time.sleep(0.1)
-        assert other.poll() is None, "the watchdog killed a process that was not the tool"
+        assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in strangers), \
+            "the watchdog killed a process that was not the tool"
     finally:
-        other.kill()
-        other.wait()
+        for pid in strangers:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for end in other_pipe:
+            os.close(end)
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-def test_the_watchdog_kills_the_helpers_of_a_tool_that_is_gone(shell):
-    """The tool exited and was reaped, its helper still runs in its group (no process has
-    the tool's pid, so the group is still the tool's): the helper dies."""
-    leader = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!"], start_new_session=True,
-                              stdout=subprocess.PIPE)
-    helper = int(leader.stdout.readline())
-    leader.wait()
+def test_the_watchdog_kills_the_helpers_of_a_tool_that_is_gone(pipe):
+    """The tool exited and was reaped, its helper still runs (and holds the pipe): the
+    helper dies."""
+    leader = start_tool(["bash", "-c", "sleep 60 & exit 0"], pipe)
+    os.waitpid(leader, 0)
+    helper = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                  if pid != os.getpid() and holds(pid, pipe))
     try:
-        result = watchdog(shell, 0.05, leader.pid, "1")
-        assert result.returncode == 0, result.stderr
+        code, _ = watchdog(0.05, pipe)
+        assert code == 0
         assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
     finally:
         if alive(helper):
             os.kill(helper, signal.SIGKILL)
 
 
-def watchdogs_of(pid):
-    """Processes whose command line is a watchdog of the tool ``pid``."""
+def holds(pid, pipe):
+    try:
+        return os.stat(f"/proc/{pid}/fd/5").st_ino == os.fstat(pipe[0]).st_ino
+    except OSError:
+        return False
+
+
+def test_the_watchdog_ends_at_once_when_every_writer_is_gone(pipe):
+    """The signer and the tool's group ended: it ends without a kill, long before its time."""
+    os.close(pipe[1])
+    code, seconds = watchdog(20, pipe)
+    assert code == 0 and seconds < 5, seconds
+
+
+def children_of(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def watchdogs_of(signer):
+    """The signer's children that are its watchdog."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    argv = handle.read().split(b"\0")
-            except OSError:
-                continue
-            if b"lap-pkcs11-watchdog" in argv and str(pid).encode() in argv:
-                found.append(int(entry))
+    for child in children_of(signer):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if b"lap-pkcs11-watchdog" in handle.read().split(b"\0"):
+                    found.append(child)
+        except OSError:
+            continue
     return found
 
 
 @pytest.mark.parametrize("mode", ["passthrough", "hang"])
 def test_no_watchdog_outlives_the_python_signer(keyed, mode):
     """FAKE tool (passthrough, then a hang killed at the deadline): when sign returns,
-    neither the tool nor its watchdog (nor the watchdog's sleep) is left."""
+    neither the tool nor its watchdog is left, and the watchdog started no process that
+    could be orphaned (a zombie under a container's init that does not reap)."""
     token, _ = keyed
     record = token.home / "record"
     env, args = fake(token, mode, record)
@@ -247,21 +300,22 @@ def test_no_watchdog_outlives_the_python_signer(keyed, mode):
     signer.stdin.close()
     assert wait_for(lambda: record.exists() and recorded(record, "pid")), "fake never started"
     tool_pid = int(recorded(record, "pid")[0])
-    assert wait_for(lambda: watchdogs_of(tool_pid) or signer.poll() is not None)
-    seen = watchdogs_of(tool_pid)
+    seen = watchdogs_of(signer.pid)
+    offspring = [child for pid in seen for child in children_of(pid)]
     signer.wait(timeout=30)
+    assert offspring == [], "the watchdog started a process of its own"
     assert seen or mode == "passthrough", "no watchdog watched the hung tool"
-    assert watchdogs_of(tool_pid) == [] and not alive(tool_pid)
+    assert not any(map(alive, [*seen, tool_pid])), "the tool or its watchdog outlived sign"
 
 
 def test_the_watchdog_takes_nothing_from_path(keyed):
-    """An impostor sh or sleep first on PATH never runs: the watchdog is /bin/sh with its
-    own PATH."""
+    """An impostor bash, sh, sleep or kill first on PATH never runs: the watchdog is
+    /bin/bash with its own PATH."""
     token, public = keyed
     bin_dir = token.home / "bin"
     bin_dir.mkdir()
     marker = token.home / "impostor-ran"
-    for name in ("sh", "sleep", "kill"):
+    for name in ("sh", "bash", "sleep", "kill"):
         (bin_dir / name).write_text(f'#!/bin/bash\ntouch {marker}\nexec /bin/{name} "$@"\n')
         (bin_dir / name).chmod(0o755)
     env = dict(token.env, PATH=f"{bin_dir}:{token.env['PATH']}")
@@ -271,3 +325,28 @@ def test_the_watchdog_takes_nothing_from_path(keyed):
     assert result.returncode == 0, result.stderr
     verify(public, MESSAGE, gateway_decode(result.stdout))
     assert not marker.exists(), "a program from PATH ran as the watchdog"
+
+
+def test_too_few_descriptors_is_one_line_and_leaves_no_tool(keyed):
+    """FAKE tool that hangs, RLIMIT_NOFILE from 5 to 14: whichever step runs out of
+    descriptors, the answer is one contract line and no tool is left running (before: an
+    internal error with the tool orphaned, holding the token lock)."""
+    token, _ = keyed
+    record = token.home / "record"
+    env, args = fake(token, "hang", record)
+    lap = str(Path(sys.executable).parent / "lap-pkcs11")
+    for limit in range(5, 15):
+        record.unlink(missing_ok=True)
+
+        def few_descriptors(limit=limit):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        result = subprocess.run([lap, "sign", *args, "--timeout-ms", "300"], input=MESSAGE,
+                                env=env, cwd=token.home, capture_output=True, timeout=30,
+                                preexec_fn=few_descriptors)
+        assert result.stdout == b"" and result.returncode in (64, 70, 75), (limit, result)
+        lines = result.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lap-pkcs11: "), (limit, lines)
+        if record.exists() and recorded(record, "pid"):
+            pid = int(recorded(record, "pid")[0])
+            assert wait_for(lambda: not alive(pid), 2), f"the tool outlived sign at {limit} fds"
