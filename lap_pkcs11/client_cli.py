@@ -41,7 +41,7 @@ import time
 from lap_pkcs11 import errors, process, wire
 from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
 from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.streams import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.process import answer, decode_base64, read_stdin, start, write_stderr
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"

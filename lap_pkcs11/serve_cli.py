@@ -19,7 +19,7 @@ from lap_pkcs11 import config as configuration
 from lap_pkcs11 import errors, process, wire
 from lap_pkcs11.options import BY_ATTR
 from lap_pkcs11.sign_cli import parse_args, run
-from lap_pkcs11.streams import start, write_stderr, write_stdout
+from lap_pkcs11.process import start, write_stderr, write_stdout
 
 # What serve reads after answering early (e.g. a bad configuration, before the
 # payload was read), so that closing does not reset the client's connection

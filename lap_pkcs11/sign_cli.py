@@ -15,7 +15,7 @@ from lap_pkcs11 import errors, process
 from lap_pkcs11.config import check_gateway_input
 from lap_pkcs11.options import BY_FLAG, OPTIONS
 from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
-from lap_pkcs11.streams import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.process import answer, decode_base64, read_stdin, start, write_stderr
 from lap_pkcs11.tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
