@@ -302,7 +302,11 @@ def run(argv, env, deadline, stdin_data=None):
             actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
         if deadline.held is not None:
             actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        try:
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        except OSError as err:  # e.g. a script whose interpreter is missing
+            raise errors.ToolNotFound(f"{argv[0]} could not be started ({err.strerror or err}); "
+                                      "check --pkcs11-tool") from None
         try:
             process.finish_hardening()  # while the tool starts, not before
         except Exception as failure:
@@ -657,7 +661,7 @@ def classify(result):
     for needle, cls, advice in _CLASSES:
         if needle in text:
             return cls(advice)
-    if result.status in (126, 127):  # timeout(1) could not run pkcs11-tool
+    if result.status in (126, 127):  # the shell's convention: the program could not run
         return errors.ToolNotFound("pkcs11-tool could not be started; check --pkcs11-tool")
     if result.status < 0:
         return errors.SigningFailed(f"pkcs11-tool died of signal {-result.status}")

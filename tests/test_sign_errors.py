@@ -116,6 +116,20 @@ def test_missing_pkcs11_tool_is_tool_not_found(signer, keyed):
         assert_failure(result, "TOOL_NOT_FOUND", 69)
 
 
+@pytest.mark.parametrize("content", [b"#!/nonexistent/interpreter\n", b"not a program\n"],
+                         ids=["missing-interpreter", "not-a-program"])
+def test_a_pkcs11_tool_that_cannot_be_started_is_tool_not_found(signer, keyed, content):
+    """An executable file that execve refuses (ENOENT for its interpreter, ENOEXEC): before
+    the watchdog, Python's spawn error was an internal error."""
+    token, _ = keyed
+    tool = token.home / "broken-pkcs11-tool"
+    tool.write_bytes(content)
+    tool.chmod(0o755)
+    result = signer([*token.args(), "--pkcs11-tool", str(tool)], MESSAGE, env=token.env,
+                    cwd=token.home)
+    assert_failure(result, "TOOL_NOT_FOUND", 69)
+
+
 @pytest.mark.parametrize("module", ["/nonexistent/libpkcs11.so", "/bin/true"])
 def test_unloadable_module_is_module_load_failed(signer, keyed, module):
     token, _ = keyed
