@@ -14,6 +14,7 @@ tool from being killed inside a login or a signature that would have finished.
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
+import errno
 import fcntl
 import os
 import select
@@ -38,26 +39,81 @@ GRACE_MS = 200
 KILL_RESERVE_MS = 50
 # The watchdog's own kill, should we be gone, comes this long after ``kill_at``.
 BACKSTOP_SLACK_MS = 20
-# The watchdog starts before the tool and holds the read end of a pipe whose write
-# end the signer keeps and hands to the tool as WATCHDOG_FD (so the tool's helpers
-# inherit it too). When every writer is gone (the signer and the tool's group have
-# ended) it ends at once. Should $1 seconds pass first, the signer is gone or stuck:
-# it SIGKILLs every process that holds the pipe as WATCHDOG_FD, with its process
-# group, except the signer ($PPID). What holds the pipe is the tool, whatever pid it
-# has: nothing is killed on a pid alone, which another process may have taken since.
-# It starts no process of its own (read and kill are builtins): killing it leaves no
-# orphan behind.
-WATCHDOG = """read -r -t "$1" _ <&3
-[ $? -gt 128 ] || exit 0
-for held in /proc/[0-9]*/fd/5; do
-  [[ $held -ef /proc/$$/fd/3 ]] || continue
-  pid=${held#/proc/} pid=${pid%%/*}
-  [[ $pid != "$PPID" ]] || continue
-  read -r stat < "/proc/$pid/stat" || continue
-  set -f
-  set -- ${stat##*) }
-  set +f
-  kill -s KILL -- "-$3" "$pid" 2>/dev/null
+# The watchdog (bash; ``Deadline.watch`` starts it before any tool). fd 3: the read
+# end of a pipe whose write end the signer keeps and hands to every tool as
+# WATCHDOG_FD (its helpers inherit it); right after each start the signer writes
+# "NONCE PID STARTTIME" into it. fd 4: a pipe only the watchdog itself writes to
+# (fd 5), to wait on. $1: microseconds until the kill; $2: the nonce.
+# Until then it collects the tools it is told of; when every writer is gone (the
+# signer and the tools ended) and no tool it was told of runs, it ends at once.
+# From then on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
+# pipe is closed: the group of each tool it was told of, unless that pid now names
+# a process with another start time; and every process that holds the pipe as
+# WATCHDOG_FD, with its group, but never the signer ($PPID) or the signer's group.
+# Nothing is killed on a pid alone that another process may have taken since.
+# It starts no process of its own (read and kill are builtins): killing it leaves
+# no orphan behind.
+WATCHDOG = r"""end=$(( ${EPOCHREALTIME/./} + $1 )) tools=()
+read -r stat < "/proc/$PPID/stat" && set -f && parent=(${stat##*) }) && set +f
+signer_group=${parent[2]:-0}
+fields() {
+  local stat
+  read -r stat 2>/dev/null < "/proc/$1/stat" || return 1
+  set -f; s=(${stat##*) }); set +f
+}
+running() {
+  local tool
+  for tool in "${tools[@]}"; do
+    fields "${tool%:*}" && [[ ${s[19]} == "${tool#*:}" && ${s[0]} != Z ]] && return 0
+  done
+  return 1
+}
+kill_tools() {
+  local tool held pid
+  for tool in "${tools[@]}"; do
+    pid=${tool%:*}
+    if fields "$pid"; then [[ ${s[19]} == "${tool#*:}" ]] || continue; fi
+    kill -s KILL -- "-$pid" 2>/dev/null
+  done
+  for held in /proc/[0-9]*/fd/5; do
+    [[ $held -ef /proc/$$/fd/3 ]] || continue
+    pid=${held#/proc/} pid=${pid%%/*}
+    [[ $pid != "$PPID" && $pid != $$ ]] && fields "$pid" || continue
+    if [[ ${s[2]} != "$signer_group" && ${s[2]} != 0 ]]; then
+      kill -s KILL -- "-${s[2]}" "$pid" 2>/dev/null
+    else
+      kill -s KILL -- "$pid" 2>/dev/null
+    fi
+  done
+}
+note() { [[ $1 == "$2" && $3 =~ ^[1-9][0-9]*$ && $4 =~ ^[0-9]+$ ]] && tools+=("$3:$4"); }
+while left=$(( end - ${EPOCHREALTIME/./} )); (( left > 0 )); do
+  printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
+  read -r -t "$wait" nonce pid start <&3
+  status=$?
+  if (( status == 0 )); then
+    note "$nonce" "$2" "$pid" "$start"
+  elif (( status <= 128 )); then
+    running || exit 0
+    left=$(( end - ${EPOCHREALTIME/./} ))
+    if (( left > 0 )); then
+      printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
+      read -r -t "$wait" _ <&4
+    fi
+    kill_tools
+    exit 0
+  fi
+done
+while :; do
+  kill_tools
+  read -r -t 0.1 nonce pid start <&3
+  status=$?
+  if (( status == 0 )); then
+    note "$nonce" "$2" "$pid" "$start"
+  elif (( status <= 128 )); then
+    kill_tools
+    exit 0
+  fi
 done
 """
 _WATCHDOG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -75,7 +131,7 @@ class Deadline:
     outcome at once, before that wait; all times are ``time.monotonic()`` seconds.
     """
 
-    __slots__ = ("end", "kill_at", "announce", "held", "watchdog", "watch_fd")
+    __slots__ = ("end", "kill_at", "announce", "held", "watchdog", "watch_fd", "nonce")
 
     def __init__(self, end, caller_end=None, announce=None):
         self.end = end
@@ -88,7 +144,7 @@ class Deadline:
             self.kill_at = min(self.kill_at, caller_end - KILL_RESERVE_MS / 1000)
         self.announce = announce
         # The watchdog's pid and the write end of its pipe, once ``watch`` started it.
-        self.watchdog = self.watch_fd = None
+        self.watchdog = self.watch_fd = self.nonce = None
 
     def watch(self):
         """Start the watchdog (``WATCHDOG``), once, before any tool run.
@@ -107,25 +163,52 @@ class Deadline:
             return
         if not os.access(SHELL, os.X_OK):
             raise errors.ToolNotFound(f"{SHELL} is missing; the watchdog of pkcs11-tool needs it")
-        seconds = max(self.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000
-        read_end = write_end = None
+        micros = int((max(self.kill_at - time.monotonic(), 0) + BACKSTOP_SLACK_MS / 1000) * 1e6)
+        self.nonce = os.urandom(8).hex()
+        fds = []
         try:
-            read_end, write_end = os.pipe()
+            fds += os.pipe()  # the watchdog reads, we and every tool write
+            fds += os.pipe()  # the watchdog waits on its own
+            sources = high_copies(fds)
             actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                        (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2),
-                       (os.POSIX_SPAWN_DUP2, read_end, 3)]
-            self.watchdog = os.posix_spawn(
-                SHELL, [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", f"{seconds:.3f}"],
-                _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
+                       (os.POSIX_SPAWN_DUP2, sources[0], 3), (os.POSIX_SPAWN_DUP2, sources[2], 4),
+                       (os.POSIX_SPAWN_DUP2, sources[3], 5)]
+            try:
+                self.watchdog = os.posix_spawn(
+                    SHELL, [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", str(micros),
+                            self.nonce], _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
+            finally:
+                for fd in sources:
+                    if fd not in fds:
+                        os.close(fd)
         except OSError as err:
-            if write_end is not None:
-                os.close(write_end)
+            for fd in fds:
+                os.close(fd)
             raise errors.SigningFailed(f"the watchdog of pkcs11-tool did not start "
                                        f"({err.strerror or err}); nothing was signed") from None
-        finally:
-            if read_end is not None:
-                os.close(read_end)
-        self.watch_fd = write_end
+        for fd in (fds[0], fds[2], fds[3]):
+            os.close(fd)
+        self.watch_fd = fds[1]
+
+    def watching(self):
+        """Whether the watchdog still runs (it ends on its own only once ``kill_at``
+        passed, or when it was killed): no tool may start without it."""
+        if self.watchdog is None:
+            return False
+        try:
+            if os.waitpid(self.watchdog, os.WNOHANG) == (0, 0):
+                return True
+        except ChildProcessError:
+            pass
+        self.watchdog = None  # reaped: its pid may be another process's from now on
+        return False
+
+    def tell(self, pid):
+        """Tell the watchdog of the tool ``pid`` (its start time tells it from a later
+        process with the same pid)."""
+        line = f"{self.nonce} {pid} {_start_time(pid)}\n".encode()
+        os.write(self.watch_fd, line)
 
     def release(self):
         """End the watchdog, if any (every tool run under this deadline is over)."""
@@ -137,7 +220,10 @@ class Deadline:
                 os.kill(self.watchdog, _SIGKILL)
             except ProcessLookupError:
                 pass
-            os.waitpid(self.watchdog, 0)
+            try:
+                os.waitpid(self.watchdog, 0)
+            except ChildProcessError:  # reaped already (``watching``)
+                pass
             self.watchdog = None
 
     def left(self):
@@ -244,6 +330,27 @@ def require_module(config):
     return info
 
 
+# Descriptors below this may be the target of a dup2 in a spawn's file actions.
+_FIRST_SAFE_FD = 10
+
+
+def high_copies(fds):
+    """``fds``, each below _FIRST_SAFE_FD replaced by a close-on-exec copy above it: a
+    spawn's dup2 actions run in order, and a source that is also an earlier target
+    (the token lock at 5, say) would be overwritten before it is copied."""
+    return [fd if fd >= _FIRST_SAFE_FD else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FIRST_SAFE_FD)
+            for fd in fds]
+
+
+def _start_time(pid):
+    """Field 22 of /proc/PID/stat (the start time, in clock ticks since boot), as text."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode()
+    finally:
+        os.close(fd)
+
+
 def memory_file(name, data=b""):
     """An anonymous in-memory file holding ``data``: nothing of it ever reaches a disk."""
     fd = os.memfd_create(name)
@@ -295,18 +402,39 @@ def run(argv, env, deadline, stdin_data=None):
         except OSError as err:
             raise errors.SigningFailed(f"cannot prepare pkcs11-tool's input and output "
                                        f"({err.strerror or err}); nothing was signed") from None
-        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[1], 2),
-                   (os.POSIX_SPAWN_DUP2, deadline.watch_fd, WATCHDOG_FD)]
+        targets = [(fds[0], 1), (fds[1], 2), (deadline.watch_fd, WATCHDOG_FD)]
         if stdin_data is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, fds[2], 3))
+            targets.append((fds[2], 3))
         if deadline.held is not None:
-            actions.append((os.POSIX_SPAWN_DUP2, deadline.held, 4))
+            targets.append((deadline.held, 4))
+        try:
+            sources = high_copies([source for source, _ in targets])
+        except OSError as err:
+            raise errors.SigningFailed(f"cannot prepare pkcs11-tool's descriptors "
+                                       f"({err.strerror or err}); nothing was signed") from None
+        fds += [fd for fd in sources if fd not in fds and fd not in (deadline.watch_fd,
+                                                                      deadline.held)]
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
+        actions += [(os.POSIX_SPAWN_DUP2, source, target)
+                    for source, (_, target) in zip(sources, targets)]
+        # Last checks: a stall since the first ones must not start a tool unwatched.
+        deadline.require_tool_time()
+        if not deadline.watching():
+            raise errors.Timeout("the deadline passed before pkcs11-tool could start; "
+                                 "raise --timeout-ms or lower concurrency")
         try:
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-        except OSError as err:  # e.g. a script whose interpreter is missing
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+                raise errors.SigningFailed(f"pkcs11-tool could not be started ({err.strerror}): "
+                                           "the host's limits; nothing was signed") from None
+            # e.g. a script whose interpreter is missing, or no program at all
             raise errors.ToolNotFound(f"{argv[0]} could not be started ({err.strerror or err}); "
                                       "check --pkcs11-tool") from None
+        try:
+            deadline.tell(pid)
+        except OSError:
+            pass  # the watchdog still finds the tool by the pipe it holds
         try:
             process.finish_hardening()  # while the tool starts, not before
         except Exception as failure:

@@ -159,28 +159,42 @@ def test_env_file_variables_reach_the_tool_under_the_real_environment(signer, ke
 
 # ---- the Python signer's watchdog -------------------------------------------------------
 
-def watchdog(seconds, pipe):
-    """Run the watchdog as the signer does, on the read end of ``pipe`` (the test keeps the
-    write end open as the signer would); return (its exit code, seconds it ran)."""
+def watched(seconds):
+    """A tool.Deadline whose kill time is ``seconds`` from now, its watchdog started (the
+    test stands in for the signer: it holds the pipe's write end)."""
     from lap_pkcs11 import tool
 
-    began = time.monotonic()
-    child = os.posix_spawn(tool.SHELL, [tool.SHELL, "-c", tool.WATCHDOG, "lap-pkcs11-watchdog",
-                                        str(seconds)], {"PATH": "/usr/bin:/bin"},
-                           file_actions=[(os.POSIX_SPAWN_DUP2, pipe[0], 3)])
-    _, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status), time.monotonic() - began
+    now = time.monotonic()
+    deadline = tool.Deadline(now, caller_end=now + seconds + tool.KILL_RESERVE_MS / 1000)
+    deadline.watch()
+    return deadline
 
 
-def start_tool(argv, pipe=None):
-    """A stand-in tool in its own session, holding ``pipe``'s write end as fd 5 as
-    pkcs11-tool does under the signer; return its pid."""
+def start_tool(argv, deadline=None, tell=True):
+    """A stand-in tool in its own session, holding the watchdog's pipe as fd 5 as
+    pkcs11-tool does under the signer (without it, when ``deadline`` is None), and
+    told to the watchdog when ``tell``; return its pid."""
     from lap_pkcs11 import tool
 
     actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0)]
-    if pipe is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, pipe[1], tool.WATCHDOG_FD))
-    return os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+    if deadline is not None:
+        source = tool.high_copies([deadline.watch_fd])[0]
+        actions.append((os.POSIX_SPAWN_DUP2, source, tool.WATCHDOG_FD))
+    pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+    if deadline is not None:
+        if source != deadline.watch_fd:
+            os.close(source)
+        if tell:
+            deadline.tell(pid)
+    return pid
+
+
+def tell(deadline, pid, start=None):
+    """Tell the watchdog of ``pid`` (with another start time when ``start`` is given)."""
+    from lap_pkcs11 import tool
+
+    os.write(deadline.watch_fd, f"{deadline.nonce} {pid} {start or tool._start_time(pid)}\n"
+             .encode())
 
 
 def helper_of(leader):
@@ -189,79 +203,123 @@ def helper_of(leader):
     return children_of(leader)[0]
 
 
-@pytest.fixture
-def pipe():
-    ends = os.pipe()
-    yield ends
-    for end in ends:
+def reap(pid, seconds=10):
+    """The exit code of our child ``pid`` once it ends (None if it runs on)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    return None
+
+
+def finish(pids):
+    for pid in pids:
         try:
-            os.close(end)
-        except OSError:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
             pass
 
 
-def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(pipe):
-    """A hung tool with a helper in its group, its signer gone or stuck: both die at the
-    watchdog's time."""
-    leader = start_tool(["bash", "-c", "sleep 60 & wait"], pipe)
+@pytest.mark.parametrize("how", ["told", "holds-the-pipe", "told-without-the-pipe"])
+def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(how):
+    """A hung tool with a helper in its group, its signer stuck: both die at the watchdog's
+    time, whether the watchdog was told of it, only sees it hold the pipe (the signer
+    died before telling), or was told of it while it holds no pipe (it closed it, or
+    its /proc/PID/fd is root's: a tool that is not dumpable)."""
+    deadline = watched(0.3)
+    if how == "told-without-the-pipe":
+        leader = start_tool(["bash", "-c", "sleep 60 & wait"])
+        tell(deadline, leader)
+    else:
+        leader = start_tool(["bash", "-c", "sleep 60 & wait"], deadline, tell=how == "told")
     helper = helper_of(leader)
+    began = time.monotonic()
     try:
-        code, seconds = watchdog(0.2, pipe)
-        assert code == 0 and seconds >= 0.2
-        _, status = os.waitpid(leader, 0)
-        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        assert reap(leader) == -signal.SIGKILL
+        assert 0.2 < time.monotonic() - began < 5
         assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
     finally:
-        subprocess.run(["kill", "-KILL", "--", f"-{leader}"], capture_output=True)
+        finish([leader])
+        deadline.release()
 
 
-def test_the_watchdog_spares_what_does_not_hold_its_pipe(pipe):
-    """A process that took the tool's place (no pipe), and one holding another pipe as fd 5:
-    neither is the tool, and neither is killed."""
-    other_pipe = os.pipe()
-    strangers = [start_tool(["sleep", "60"]), start_tool(["sleep", "60"], other_pipe)]
+def test_the_watchdog_spares_what_is_not_the_tool():
+    """A process told with another start time (its pid was taken by another), one told in
+    a line without the nonce, and one holding another pipe as fd 5: none is killed."""
+    deadline = watched(0.05)
+    strangers = [start_tool(["sleep", "60"]) for _ in range(3)]
+    tell(deadline, strangers[0], start="1")
+    os.write(deadline.watch_fd, f"0000000000000000 {strangers[1]} "
+             f"{__import__('lap_pkcs11.tool').tool._start_time(strangers[1])}\n".encode())
     try:
-        code, _ = watchdog(0.05, pipe)
-        assert code == 0
-        time.sleep(0.1)
+        time.sleep(0.4)
         assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in strangers), \
             "the watchdog killed a process that was not the tool"
+        assert deadline.watching(), "the watchdog ended while the signer lives"
     finally:
-        for pid in strangers:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        for end in other_pipe:
-            os.close(end)
+        finish(strangers)
+        deadline.release()
 
 
-def test_the_watchdog_kills_the_helpers_of_a_tool_that_is_gone(pipe):
-    """The tool exited and was reaped, its helper still runs (and holds the pipe): the
-    helper dies."""
-    leader = start_tool(["bash", "-c", "sleep 60 & exit 0"], pipe)
-    os.waitpid(leader, 0)
+def test_the_watchdog_kills_the_helpers_of_a_tool_that_is_gone():
+    """The tool exited and was reaped, its helper still runs in its group: the helper dies."""
+    deadline = watched(0.2)
+    leader = start_tool(["bash", "-c", "sleep 60 & exit 0"], deadline)
+    assert reap(leader) == 0
     helper = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                  if pid != os.getpid() and holds(pid, pipe))
+                  if os.path.exists(f"/proc/{pid}/stat") and
+                  open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2] == str(leader))
     try:
-        code, _ = watchdog(0.05, pipe)
-        assert code == 0
         assert wait_for(lambda: not alive(helper)), "the helper outlived the watchdog"
     finally:
         if alive(helper):
             os.kill(helper, signal.SIGKILL)
+        deadline.release()
 
 
-def holds(pid, pipe):
+def test_the_watchdog_ends_at_once_when_every_writer_is_gone():
+    """The signer and its tools ended: it ends without a kill, long before its time."""
+    deadline = watched(20)
+    watchdog = deadline.watchdog
+    os.close(deadline.watch_fd)
+    deadline.watch_fd = None
+    began = time.monotonic()
+    assert reap(watchdog) == 0 and time.monotonic() - began < 5
+    deadline.watchdog = None
+
+
+def test_a_told_tool_outliving_a_dead_signer_still_dies_at_the_time():
+    """The signer died (the pipe closed) while a tool it told of runs without the pipe: the
+    watchdog stays until the time, then kills it."""
+    deadline = watched(0.3)
+    tool_pid = start_tool(["sleep", "60"])
+    tell(deadline, tool_pid)
+    os.close(deadline.watch_fd)
+    deadline.watch_fd = None
     try:
-        return os.stat(f"/proc/{pid}/fd/5").st_ino == os.fstat(pipe[0]).st_ino
-    except OSError:
-        return False
+        assert reap(tool_pid) == -signal.SIGKILL
+    finally:
+        finish([tool_pid])
+        deadline.release()
 
 
-def test_the_watchdog_ends_at_once_when_every_writer_is_gone(pipe):
-    """The signer and the tool's group ended: it ends without a kill, long before its time."""
-    os.close(pipe[1])
-    code, seconds = watchdog(20, pipe)
-    assert code == 0 and seconds < 5, seconds
+def test_a_tool_started_after_the_time_is_killed_too():
+    """The signer was stuck past its kill time and then started a tool: the watchdog,
+    still there while the signer holds the pipe, kills it."""
+    deadline = watched(0.05)
+    time.sleep(0.3)
+    tool_pid = start_tool(["sleep", "60"], deadline, tell=False)
+    try:
+        assert reap(tool_pid, 5) == -signal.SIGKILL
+    finally:
+        finish([tool_pid])
+        deadline.release()
 
 
 def children_of(pid):
@@ -350,3 +408,22 @@ def test_too_few_descriptors_is_one_line_and_leaves_no_tool(keyed):
         if record.exists() and recorded(record, "pid"):
             pid = int(recorded(record, "pid")[0])
             assert wait_for(lambda: not alive(pid), 2), f"the tool outlived sign at {limit} fds"
+
+
+def test_the_tools_descriptors_are_the_message_the_lock_and_the_watchdogs_pipe(keyed):
+    """FAKE tool (passthrough) lists its descriptors: 3 is the message, 4 the token lock
+    (so that an orphaned run keeps the token locked), 5 the watchdog's pipe. Before: the
+    pipe was copied over the lock's descriptor first, and 4 was the pipe too."""
+    token, public = keyed
+    report = token.home / "process"
+    env, args = fake(token, "passthrough")
+    env["FAKE_PROCESS"] = str(report)
+    result = subprocess.run([str(Path(sys.executable).parent / "lap-pkcs11"), "sign", *args],
+                            input=MESSAGE, env=env, cwd=token.home, capture_output=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+    fds = dict(line.split(" ", 1) for line in recorded(report, "fd"))
+    assert fds["3"].startswith("/memfd:message"), fds
+    assert fds["4"].endswith(".lock"), fds
+    assert fds["5"].startswith("pipe:"), fds
