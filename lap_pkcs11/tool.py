@@ -47,20 +47,22 @@ BACKSTOP_SLACK_MS = 20
 # Until then it collects the tools it is told of; when every writer is gone (the
 # signer and the tools ended) and no tool it was told of runs, it ends at once.
 # From then on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
-# pipe is closed: the group of each tool it was told of, unless that pid now names
-# a process with another start time; and every process that holds the pipe as
-# WATCHDOG_FD, with its group, but never the signer ($PPID) or the signer's group.
-# Nothing is killed on a pid alone that another process may have taken since.
+# pipe is closed: the group of each tool it was told of whose leader still runs
+# with the start time it was told (a pid, or a group id, may belong to another
+# process by now); and every process that holds the pipe as WATCHDOG_FD, with its
+# group, but never the signer ($PPID) or the signer's group. Its clock is the
+# boot time (/proc/uptime, 10 ms steps), which a wall-clock step cannot move.
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
-WATCHDOG = r"""end=$(( ${EPOCHREALTIME/./} + $1 )) tools=()
-read -r stat < "/proc/$PPID/stat" && set -f && parent=(${stat##*) }) && set +f
-signer_group=${parent[2]:-0}
+WATCHDOG = r"""now() { local up rest; read -r up rest < /proc/uptime; now=$(( ${up/./} * 10000 )); }
+now; end=$(( now + $1 )) tools=()
 fields() {
-  local stat
-  read -r stat 2>/dev/null < "/proc/$1/stat" || return 1
+  local stat=
+  IFS= read -r -d '' stat 2>/dev/null < "/proc/$1/stat"
+  [[ $stat == *") "* ]] || return 1
   set -f; s=(${stat##*) }); set +f
 }
+fields "$PPID" && signer_group=${s[2]} || signer_group=0
 running() {
   local tool
   for tool in "${tools[@]}"; do
@@ -72,7 +74,7 @@ kill_tools() {
   local tool held pid
   for tool in "${tools[@]}"; do
     pid=${tool%:*}
-    if fields "$pid"; then [[ ${s[19]} == "${tool#*:}" ]] || continue; fi
+    fields "$pid" && [[ ${s[19]} == "${tool#*:}" ]] || continue
     kill -s KILL -- "-$pid" 2>/dev/null
   done
   for held in /proc/[0-9]*/fd/5; do
@@ -87,7 +89,7 @@ kill_tools() {
   done
 }
 note() { [[ $1 == "$2" && $3 =~ ^[1-9][0-9]*$ && $4 =~ ^[0-9]+$ ]] && tools+=("$3:$4"); }
-while left=$(( end - ${EPOCHREALTIME/./} )); (( left > 0 )); do
+while now; left=$(( end - now )); (( left > 0 )); do
   printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
   read -r -t "$wait" nonce pid start <&3
   status=$?
@@ -95,7 +97,7 @@ while left=$(( end - ${EPOCHREALTIME/./} )); (( left > 0 )); do
     note "$nonce" "$2" "$pid" "$start"
   elif (( status <= 128 )); then
     running || exit 0
-    left=$(( end - ${EPOCHREALTIME/./} ))
+    now; left=$(( end - now ))
     if (( left > 0 )); then
       printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
       read -r -t "$wait" _ <&4
@@ -209,6 +211,13 @@ class Deadline:
         process with the same pid)."""
         line = f"{self.nonce} {pid} {_start_time(pid)}\n".encode()
         os.write(self.watch_fd, line)
+
+    def abandon(self):
+        """Leave the watchdog to end what it was told of at the kill time (and then
+        itself): close our end of its pipe, forget it."""
+        if self.watch_fd is not None:
+            os.close(self.watch_fd)
+        self.watch_fd = self.watchdog = None
 
     def release(self):
         """End the watchdog, if any (every tool run under this deadline is over)."""
@@ -390,7 +399,7 @@ def run(argv, env, deadline, stdin_data=None):
     owned = not isinstance(deadline, Deadline)
     if owned:
         deadline = Deadline(deadline)
-    fds = []
+    fds, pid = [], None
     try:
         process.check_interrupted()
         deadline.require_tool_time()
@@ -434,7 +443,7 @@ def run(argv, env, deadline, stdin_data=None):
         try:
             deadline.tell(pid)
         except OSError:
-            pass  # the watchdog still finds the tool by the pipe it holds
+            pass  # the watchdog still finds it by the pipe it holds (when it may see its fds)
         try:
             process.finish_hardening()  # while the tool starts, not before
         except Exception as failure:
@@ -442,16 +451,27 @@ def run(argv, env, deadline, stdin_data=None):
                 _wait(pid, Deadline(time.monotonic()))
             except errors.SignerError:
                 pass
+            pid = None  # reaped, its group killed
             if isinstance(failure, errors.SignerError):
                 raise
             raise errors.SigningFailed(f"core dumps cannot be switched off ({failure}); "
                                        "nothing was signed") from None
-        status = _wait(pid, deadline)
+        try:
+            status = _wait(pid, deadline)
+        except errors.SignerError:
+            pid = None  # late or interrupted: reaped, its group killed, then raised
+            raise
+        pid = None  # reaped, its group killed
         return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:
         for fd in fds:
             os.close(fd)
-        if owned:
+        if pid is not None:
+            # Something unforeseen (KeyboardInterrupt in a command without our signal
+            # handlers) left the tool unreaped: the watchdog, which knows it, ends it at
+            # the kill time; ending the watchdog now would leave the tool for good.
+            deadline.abandon()
+        elif owned:
             deadline.release()
 
 

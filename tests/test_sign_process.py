@@ -226,6 +226,49 @@ def finish(pids):
             pass
 
 
+def test_a_told_tool_with_an_odd_name_dies_too():
+    """A tool whose name has a newline and ") " in it (/proc/PID/stat's comm field), told,
+    without the pipe: the watchdog still reads its start time and kills it."""
+    deadline = watched(0.3)
+    code = ("import ctypes, time; ctypes.CDLL(None).prctl(15, b'x\\n) S 1 2 3', 0, 0, 0);"
+            "open(1, 'w').write('named\\n'); time.sleep(60)")
+    read_end, write_end = os.pipe()
+    tool_pid = os.posix_spawn(sys.executable, [sys.executable, "-c", code], os.environ,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, write_end, 1)], setsid=True)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 100) == b"named\n"
+        tell(deadline, tool_pid)
+        assert reap(tool_pid) == -signal.SIGKILL
+    finally:
+        os.close(read_end)
+        finish([tool_pid])
+        deadline.release()
+
+
+def test_an_interrupted_run_leaves_its_tool_to_the_watchdog(tmp_path):
+    """KeyboardInterrupt inside tool.run (an operator command has no signal handlers of
+    ours): the hung tool's group still dies at the kill time, not never."""
+    record = tmp_path / "pid"
+    script = (f"import time; from lap_pkcs11 import tool\n"
+              f"tool.run(['/bin/bash', '-c', 'echo $$ > {record}; sleep 60 & wait'], "
+              f"{{'PATH': '/usr/bin:/bin'}}, time.monotonic() + 0.3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    assert wait_for(lambda: record.exists() and record.read_text().strip())
+    leader = int(record.read_text())
+    assert wait_for(lambda: children_of(leader))
+    helper = children_of(leader)[0]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) != 0
+    try:
+        assert wait_for(lambda: not alive(leader) and not alive(helper), 5), \
+            "the tool outlived an interrupted run"
+    finally:
+        for pid in (leader, helper):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("how", ["told", "holds-the-pipe", "told-without-the-pipe"])
 def test_the_watchdog_kills_the_tools_whole_group_when_its_time_is_up(how):
     """A hung tool with a helper in its group, its signer stuck: both die at the watchdog's
