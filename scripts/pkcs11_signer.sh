@@ -899,7 +899,12 @@ stop_stdin_alarm() {
 # stop_helper: the alarm is not needed any more (the helper's stat is read).
 stop_helper() {
   [[ -n ${HELPER-} ]] || return 0
-  kill "$HELPER" 2>/dev/null || true
+  # KILL and reap: the helper naps in reads of SIG_FD, and bash may hold a TERM
+  # back inside such a read, long enough to take a byte of the signature that
+  # base64 writes there later (seen as "pkcs11-tool printed 63 bytes").
+  kill -KILL "$HELPER" 2>/dev/null || true
+  { wait "$HELPER"; } 2>/dev/null || true
+  HELPER=""
   trap - URG  # SIGURG's default: ignored
 }
 
