@@ -139,6 +139,16 @@ def harden():
     return closed
 
 
+def start_ticks(pid="self"):
+    """Field 22 of /proc/PID/stat, the process's start time in clock ticks since boot
+    (bytes; what follows the last ")", so that no command name can shift it)."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19]
+    finally:
+        os.close(fd)
+
+
 def started_at():
     """When this process began, in ``time.monotonic()`` seconds.
 
@@ -149,12 +159,7 @@ def started_at():
     """
     now = time.monotonic()
     try:
-        fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-        finally:
-            os.close(fd)
-        ticks = int(fields[19])  # field 22, starttime
+        ticks = int(start_ticks())
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return now

@@ -209,7 +209,7 @@ class Deadline:
     def tell(self, pid):
         """Tell the watchdog of the tool ``pid`` (its start time tells it from a later
         process with the same pid)."""
-        line = f"{self.nonce} {pid} {_start_time(pid)}\n".encode()
+        line = f"{self.nonce} {pid} {process.start_ticks(pid).decode()}\n".encode()
         os.write(self.watch_fd, line)
 
     def abandon(self):
@@ -349,15 +349,6 @@ def high_copies(fds):
     (the token lock at 5, say) would be overwritten before it is copied."""
     return [fd if fd >= _FIRST_SAFE_FD else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FIRST_SAFE_FD)
             for fd in fds]
-
-
-def _start_time(pid):
-    """Field 22 of /proc/PID/stat (the start time, in clock ticks since boot), as text."""
-    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode()
-    finally:
-        os.close(fd)
 
 
 def memory_file(name, data=b""):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lap_pkcs11 import process
+
 from conftest import USER_PIN, assert_failure, gateway_decode, verify
 from test_sign_errors import alive, fake
 
@@ -190,10 +192,8 @@ def start_tool(argv, deadline=None, tell=True):
 
 def tell(deadline, pid, start=None):
     """Tell the watchdog of ``pid`` (with another start time when ``start`` is given)."""
-    from lap_pkcs11 import tool
-
-    os.write(deadline.watch_fd, f"{deadline.nonce} {pid} {start or tool._start_time(pid)}\n"
-             .encode())
+    os.write(deadline.watch_fd,
+             f"{deadline.nonce} {pid} {start or process.start_ticks(pid).decode()}\n".encode())
 
 
 def helper_of(leader):
@@ -299,7 +299,7 @@ def test_the_watchdog_spares_what_is_not_the_tool():
     strangers = [start_tool(["sleep", "60"]) for _ in range(3)]
     tell(deadline, strangers[0], start="1")
     os.write(deadline.watch_fd, f"0000000000000000 {strangers[1]} "
-             f"{__import__('lap_pkcs11.tool').tool._start_time(strangers[1])}\n".encode())
+             f"{process.start_ticks(strangers[1]).decode()}\n".encode())
     try:
         time.sleep(0.4)
         assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in strangers), \
