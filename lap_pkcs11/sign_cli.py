@@ -16,7 +16,7 @@ from lap_pkcs11.config import check_gateway_input
 from lap_pkcs11.options import BY_FLAG, OPTIONS
 from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
 from lap_pkcs11.process import answer, decode_base64, read_stdin, start, write_stderr
-from lap_pkcs11.tool import Deadline
+from lap_pkcs11.tool import Deadline, reap_released
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
 # beyond this is refused unread, so a huge stdin costs neither time nor memory.
@@ -107,7 +107,8 @@ class Announcer:
             self.write(error.line() + "\n")
 
 
-def run(args, started, read=None, caller_deadline=None, caller_end=None, announce=None):
+def run(args, started, read=None, caller_deadline=None, caller_end=None, announce=None,
+        reap=True):
     """Sign as ``args`` say; return (exit code, stdout bytes, stderr text).
 
     ``read(limit)`` supplies the input (default: stdin under the deadline);
@@ -115,7 +116,8 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
     socket client's does; ``caller_end`` is when whoever waits for us gives up (a
     running pkcs11-tool is killed before it); ``announce`` (an ``Announcer``)
     writes a TIMEOUT line at the deadline itself. A line already announced is not
-    returned again.
+    returned again. With ``reap`` false, the killed watchdog is left to
+    ``tool.reap_released``.
     """
     announce = announce or Announcer()
     debug = "--debug" in args
@@ -144,7 +146,7 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
             process.check_interrupted()
             signature = sign(config, message, environ, deadline)
         finally:
-            deadline.release()
+            deadline.release(reap)
         return 0, encode(signature, config.output), ""
     except errors.SignerError as err:
         return err.exit_code, b"", "" if announce.done else err.line() + "\n"
@@ -170,4 +172,6 @@ def main(args, started=None):
                                        "signature, so nothing was signed")
         write_stderr(failure.line() + "\n")
         return failure.exit_code
-    return answer(*run(args, started, announce=Announcer(write_stderr)))
+    code = answer(*run(args, started, announce=Announcer(write_stderr), reap=False))
+    reap_released()  # the watchdog, killed before the answer, has died meanwhile
+    return code

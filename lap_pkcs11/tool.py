@@ -43,9 +43,11 @@ BACKSTOP_SLACK_MS = 20
 # end of a pipe whose write end the signer keeps and hands to every tool as
 # WATCHDOG_FD (its helpers inherit it); right after each start the signer writes
 # "NONCE PID STARTTIME" into it. fd 4: a pipe only the watchdog itself writes to
-# (fd 5), to wait on. $1: microseconds until the kill; $2: the nonce.
-# Until then it collects the tools it is told of; when every writer is gone (the
-# signer and the tools ended) and no tool it was told of runs, it ends at once.
+# (fd 5), to wait on. $1: microseconds until the kill; $2: the nonce; $3: the
+# signer's process group. Until then it collects the tools it is told of; when
+# every writer is gone (the signer and the tools ended) and no tool it was told
+# of runs, it ends at once. What it does only then is defined only then: a bash
+# that is released before (the normal case) never parses it.
 # From then on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
 # pipe is closed: the group of each tool it was told of whose leader still runs
 # with the start time it was told (a pid, or a group id, may belong to another
@@ -54,15 +56,25 @@ BACKSTOP_SLACK_MS = 20
 # boot time (/proc/uptime, 10 ms steps), which a wall-clock step cannot move.
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
-WATCHDOG = r"""now() { local up rest; read -r up rest < /proc/uptime; now=$(( ${up/./} * 10000 )); }
-now; end=$(( now + $1 )) tools=()
+WATCHDOG = r"""read -r up _ < /proc/uptime; end=$(( ${up/./} * 10000 + $1 )) tools=() eof=
+while read -r up _ < /proc/uptime; left=$(( end - ${up/./} * 10000 )); (( left > 0 )); do
+  printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
+  read -r -t "$wait" nonce pid start <&3
+  status=$?
+  if (( status == 0 )); then
+    [[ $nonce == "$2" && $pid == [1-9]* && $pid != *[!0-9]* && $start == [0-9]*
+       && $start != *[!0-9]* ]] && tools+=("$pid:$start")
+  elif (( status <= 128 )); then
+    eof=1
+    break
+  fi
+done
 fields() {
   local stat=
   IFS= read -r -d '' stat 2>/dev/null < "/proc/$1/stat"
   [[ $stat == *") "* ]] || return 1
   set -f; s=(${stat##*) }); set +f
 }
-fields "$PPID" && signer_group=${s[2]} || signer_group=0
 running() {
   local tool
   for tool in "${tools[@]}"; do
@@ -81,37 +93,30 @@ kill_tools() {
     [[ $held -ef /proc/$$/fd/3 ]] || continue
     pid=${held#/proc/} pid=${pid%%/*}
     [[ $pid != "$PPID" && $pid != $$ ]] && fields "$pid" || continue
-    if [[ ${s[2]} != "$signer_group" && ${s[2]} != 0 ]]; then
+    if [[ ${s[2]} != "$3" && ${s[2]} != 0 ]]; then
       kill -s KILL -- "-${s[2]}" "$pid" 2>/dev/null
     else
       kill -s KILL -- "$pid" 2>/dev/null
     fi
   done
 }
-note() { [[ $1 == "$2" && $3 =~ ^[1-9][0-9]*$ && $4 =~ ^[0-9]+$ ]] && tools+=("$3:$4"); }
-while now; left=$(( end - now )); (( left > 0 )); do
-  printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
-  read -r -t "$wait" nonce pid start <&3
-  status=$?
-  if (( status == 0 )); then
-    note "$nonce" "$2" "$pid" "$start"
-  elif (( status <= 128 )); then
-    running || exit 0
-    now; left=$(( end - now ))
-    if (( left > 0 )); then
-      printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
-      read -r -t "$wait" _ <&4
-    fi
-    kill_tools
-    exit 0
+if [[ $eof ]]; then
+  running || exit 0
+  read -r up _ < /proc/uptime; left=$(( end - ${up/./} * 10000 ))
+  if (( left > 0 )); then
+    printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
+    read -r -t "$wait" _ <&4
   fi
-done
+  kill_tools
+  exit 0
+fi
 while :; do
   kill_tools
   read -r -t 0.1 nonce pid start <&3
   status=$?
   if (( status == 0 )); then
-    note "$nonce" "$2" "$pid" "$start"
+    [[ $nonce == "$2" && $pid == [1-9]* && $pid != *[!0-9]* && $start == [0-9]*
+       && $start != *[!0-9]* ]] && tools+=("$pid:$start")
   elif (( status <= 128 )); then
     kill_tools
     exit 0
@@ -122,6 +127,19 @@ _WATCHDOG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 _SIGKILL = 9
 # How often the tool's state is asked for when no pidfd could be opened.
 PID_POLL_MS = 5
+
+
+# Watchdogs killed by ``Deadline.release`` and not reaped yet.
+_released = []
+
+
+def reap_released():
+    """Reap the watchdogs that ``Deadline.release`` killed."""
+    while _released:
+        try:
+            os.waitpid(_released.pop(), 0)
+        except ChildProcessError:  # reaped already (``Deadline.watching``)
+            pass
 
 
 class Deadline:
@@ -179,7 +197,7 @@ class Deadline:
             try:
                 self.watchdog = os.posix_spawn(
                     SHELL, [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", str(micros),
-                            self.nonce], _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
+                            self.nonce, str(os.getpgrp())], _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
             finally:
                 for fd in sources:
                     if fd not in fds:
@@ -219,8 +237,12 @@ class Deadline:
             os.close(self.watch_fd)
         self.watch_fd = self.watchdog = None
 
-    def release(self):
-        """End the watchdog, if any (every tool run under this deadline is over)."""
+    def release(self, reap=True):
+        """End the watchdog, if any (every tool run under this deadline is over).
+
+        With ``reap`` false it is killed but reaped only by ``reap_released``: a
+        command that answers next lets it die meanwhile instead of waiting for it.
+        """
         if self.watch_fd is not None:
             os.close(self.watch_fd)
             self.watch_fd = None
@@ -229,11 +251,10 @@ class Deadline:
                 os.kill(self.watchdog, _SIGKILL)
             except ProcessLookupError:
                 pass
-            try:
-                os.waitpid(self.watchdog, 0)
-            except ChildProcessError:  # reaped already (``watching``)
-                pass
+            _released.append(self.watchdog)
             self.watchdog = None
+            if reap:
+                reap_released()
 
     def left(self):
         return self.end - time.monotonic()
