@@ -80,3 +80,18 @@ def test_pin_and_env_file_bytes_that_are_not_utf8_behave_alike(keyed):
                         cwd=token.home)
         codes.add((result.returncode, result.stderr.split(b":")[1]))
     assert codes == {(77, b" PIN_INCORRECT")}
+    # An env file: bytes that are not UTF-8 in a comment are skipped, in a value they are
+    # the value (here a token label no token has), in both implementations alike.
+    env_file = token.home / "signer.env"
+    args = ["--module", token.module, "--key-id", "01", "--env-file", str(env_file)]
+    for label, expected in ((token.label.encode(), (0, b"")),
+                            (token.label.encode() + b"\xff", (69, b" TOKEN_NOT_FOUND"))):
+        env_file.write_bytes(b"# \xfe\xff not UTF-8\nLAP_PKCS11_TOKEN_LABEL=" + label + b"\n")
+        env_file.chmod(0o600)
+        outcomes = set()
+        for make in IMPLEMENTATIONS.values():
+            result = make()(args, b"m", env=token.env, cwd=token.home)
+            error = result.stderr.split(b":")[1] if result.stderr else b""
+            outcomes.add((result.returncode, error, result.stdout))
+        assert len(outcomes) == 1, (label, outcomes)
+        assert outcomes.pop()[:2] == expected, label

@@ -61,14 +61,29 @@ def test_signer_output_env_is_honoured_after_lap_output(signer, keyed):
     verify(public, MESSAGE, result.stdout)
 
 
-def test_tampered_message_and_signature_do_not_verify(signer, keyed):
+def test_the_signature_covers_exactly_the_message_read(signer, keyed):
+    """The signature is over the bytes read, every one of them and nothing else: the same
+    message raw and as base64 gives one signature (Ed25519 is deterministic); one byte
+    changed, one byte more or one byte less gives another, which does not verify for the
+    original message (a signer that cut, padded or re-encoded its input fails here)."""
     token, public = keyed
-    signature = gateway_decode(signer(token.args(), MESSAGE, env=token.env,
-                                      cwd=token.home).stdout)
-    with pytest.raises(InvalidSignature):
-        verify(public, MESSAGE + b"!", signature)
-    with pytest.raises(InvalidSignature):
-        verify(public, MESSAGE, bytes([signature[0] ^ 1]) + signature[1:])
+
+    def sign(message, encoding="raw"):
+        stdin = message if encoding == "raw" else base64.b64encode(message) + b"\n"
+        result = signer([*token.args(), "--input", encoding], stdin, env=token.env,
+                        cwd=token.home)
+        assert result.returncode == 0, result.stderr
+        return gateway_decode(result.stdout)
+
+    signature = sign(MESSAGE)
+    verify(public, MESSAGE, signature)
+    assert sign(MESSAGE, "base64") == signature
+    for other in (MESSAGE[:-1] + b"!", MESSAGE + b"\n", MESSAGE[:-1]):
+        changed = sign(other)
+        verify(public, other, changed)
+        assert changed != signature
+        with pytest.raises(InvalidSignature):
+            verify(public, MESSAGE, changed)
 
 
 @pytest.mark.parametrize("size", [1, 1024])

@@ -105,6 +105,19 @@ def listening(path):
     return False
 
 
+def activation_flags(socket_unit=SOCKET_UNIT, service=SERVICE):
+    """systemd-socket-activate's flags for what the units say: Accept=yes is --accept (an
+    instance per connection), StandardInput=socket with StandardOutput=socket is --inetd
+    (the connection is stdin and stdout). Anything else fails: these tests must run the
+    service the way systemd would."""
+    accept = unit_value(socket_unit, "Accept")
+    streams = (unit_value(service, "StandardInput"), unit_value(service, "StandardOutput"))
+    if accept != ["yes"] or streams != (["socket"], ["socket"]):
+        raise AssertionError(f"the units say Accept={accept}, StandardInput/Output={streams}; "
+                             "the activation below knows only yes and socket")
+    return ["--accept", "--inetd"]
+
+
 class Activated:
     """systemd-socket-activate running the service's own ExecStart per connection."""
 
@@ -130,7 +143,7 @@ class Activated:
         env.update(env_overrides or {})
         flags = [f"-E{name}={value}" for name, value in env.items()]
         self.log = open(tmp_path / "activate.log", "wb")
-        self.proc = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd",
+        self.proc = subprocess.Popen(["systemd-socket-activate", *activation_flags(),
                                       "-l", str(self.path), *flags, *argv],
                                      stdout=self.log, stderr=self.log, start_new_session=True,
                                      **popen)
@@ -292,9 +305,20 @@ def test_client_help_and_bad_option(client_argv):
     assert_failure(result, "CONFIG_INVALID", 64)
 
 
-def test_systemd_tools_present():
-    for tool in ("systemd-analyze", "systemd-socket-activate"):
-        assert shutil.which(tool), f"{tool} missing: apt-get install systemd"
+def test_the_activation_runs_the_service_as_the_units_say(tmp_path):
+    """The end-to-end tests activate the service with flags read from the units; a unit
+    that changes how the service gets its connection makes them fail, not pass on a
+    setup systemd would never use."""
+    assert activation_flags() == ["--accept", "--inetd"]
+    for unit, setting in ((SOCKET_UNIT, "Accept=yes"), (SERVICE, "StandardInput=socket"),
+                          (SERVICE, "StandardOutput=socket")):
+        changed = tmp_path / unit.name
+        text = unit.read_text()
+        assert setting in text
+        changed.write_text(text.replace(setting, setting.split("=")[0] + "=no"))
+        units = {SOCKET_UNIT.name: SOCKET_UNIT, SERVICE.name: SERVICE, unit.name: changed}
+        with pytest.raises(AssertionError, match="the activation below knows only"):
+            activation_flags(units[SOCKET_UNIT.name], units[SERVICE.name])
 
 
 def fake_server(path, answer):

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import assert_failure, gateway_decode, verify
+from lap_pkcs11 import ed25519
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc8032-ed25519.json").read_text())
 BY_NAME = {v["name"]: v for v in VECTORS["vectors"]}
@@ -58,3 +59,25 @@ def test_imported_key_signature_verifies_with_gateway_decoding(signer, token):
                     base64.b64encode(message) + b"\n", env=token.env,
                     cwd=token.home)
     verify(public, message, gateway_decode(result.stdout))
+
+
+WYCHEPROOF = json.loads((Path(__file__).parent / "vectors" /
+                         "wycheproof-ed25519_test.json").read_text())
+WYCHEPROOF_CASES = [(group["publicKey"]["pk"], case) for group in WYCHEPROOF["testGroups"]
+                    for case in group["tests"]]
+
+
+def test_the_wycheproof_file_is_whole():
+    assert len(WYCHEPROOF_CASES) == WYCHEPROOF["numberOfTests"] == 151
+    results = [case["result"] for _, case in WYCHEPROOF_CASES]
+    assert (results.count("valid"), results.count("invalid")) == (88, 63)
+
+
+@pytest.mark.parametrize("public, case", WYCHEPROOF_CASES,
+                         ids=[f"tc{case['tcId']}" for _, case in WYCHEPROOF_CASES])
+def test_the_pinned_key_check_agrees_with_wycheproof(public, case):
+    """Each of Wycheproof's cases (S = L, a sign bit on x = 0, small-order R, ...): the
+    verifier behind --expect-public-key accepts exactly the valid ones."""
+    accepted = ed25519.is_valid(bytes.fromhex(public), bytes.fromhex(case["msg"]),
+                                bytes.fromhex(case["sig"]))
+    assert accepted == (case["result"] == "valid"), case["comment"]
