@@ -1494,6 +1494,8 @@ classify() {
     *CKR_SLOT_ID_INVALID*) fail TOKEN_NOT_FOUND "no such slot; check --slot (pkcs11-tool --list-slots)" ;;
     *CKR_TOKEN_NOT_PRESENT*) fail TOKEN_NOT_FOUND "no token in that slot; insert it or fix the slot" ;;
     *"is not available"*) fail TOKEN_NOT_FOUND "no token at that slot index; check --slot-index (pkcs11-tool --list-slots)" ;;
+    *"No slot with id"*) fail TOKEN_NOT_FOUND "no such slot; check --slot (pkcs11-tool --list-slots)" ;;
+    *"No slots"*) fail TOKEN_NOT_FOUND "the module sees no slots; check the token is present and initialised" ;;
     *"No slot"*) fail TOKEN_NOT_FOUND "no usable token; check the token selector (pkcs11-tool --list-slots)" ;;
     *"Private/secret key not found"*) fail KEY_NOT_FOUND "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)" ;;
     *"key not found"*) fail KEY_NOT_FOUND "no private key with that id on the token; check --key-id (lap-pkcs11 doctor)" ;;

@@ -9,7 +9,6 @@ tests run against the pkcs11-tool under test (LAP_TEST_PKCS11_TOOL).
 
 import json
 import os
-import re
 import subprocess
 import sys
 import types
@@ -138,27 +137,6 @@ def test_wrapped_values_join_the_field_before_them():
     (obj,) = tool.parse_objects(text)
     assert obj.public_key() == b"\xab" * 32
     assert obj.id == "0a" * 32 + "0b0c" and obj.label == "k" and obj.usage == {"verify"}
-
-
-def test_shell_classification_table_is_the_python_one():
-    """Every stderr phrase Python classifies, the shell mirror classifies to the same name."""
-    text = SHELL_SIGNER.read_text()
-    body = text[text.index("classify() {"):]
-    shell = {}
-    for line in body.splitlines():
-        match = re.match(r"\s+(.+?)\)\s+(?:remember_rejected_pin; )?fail (\w+) ", line)
-        if match is None:
-            if line.startswith("}"):
-                break
-            continue
-        for pattern in match.group(1).split("|"):
-            shell[pattern.strip("*").strip('"')] = match.group(2)
-    for needle, cls, _ in tool._CLASSES:
-        if needle in ("No slot with id", "No slots"):
-            # The shell's "No slot" catches these with the same name.
-            assert shell["No slot"] == cls.name
-            continue
-        assert shell.get(needle) == cls.name, needle
 
 
 @pytest.mark.parametrize("stderr, name", [

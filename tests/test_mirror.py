@@ -2,20 +2,10 @@
 
 import base64
 import os
-import re
 
 import pytest
 
-from conftest import IMPLEMENTATIONS, SHELL_SIGNER
-from lap_pkcs11.options import OPTIONS
-
-
-def test_shell_option_table_is_the_python_one():
-    text = SHELL_SIGNER.read_text()
-    table = re.search(r"OPTION_TABLE=\(\n(.*?)\n\)", text, re.S).group(1)
-    rows = [line.strip().strip('"').split("|") for line in table.splitlines()]
-    expected = [[o.attr, o.flag or "", " ".join(o.envs), o.default or ""] for o in OPTIONS]
-    assert rows == expected
+from conftest import IMPLEMENTATIONS
 
 
 @pytest.mark.parametrize("output", ["base64", "hex", "raw"])
