@@ -13,8 +13,6 @@ same option set any other way to another value is an error, never a silent choic
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
-import os
-
 from lap_pkcs11.errors import ConfigInvalid
 from lap_pkcs11.options import BY_ATTR, OPTIONS, TOKEN_CONSTRAINTS
 

@@ -24,23 +24,6 @@ _LOCK_NAME_BYTES = {byte: "_" for byte in range(256)
                     if not (chr(byte).isascii() and (chr(byte).isalnum() or chr(byte) in "._-"))}
 
 
-class Secret:
-    """A PIN that never shows itself in a repr, a log line or a traceback."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value):
-        self._value = value
-
-    def reveal(self):
-        return self._value
-
-    def __repr__(self):
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-
 def check_message(message):
     if not message:
         raise errors.InputInvalid("the message is empty; the gateway never signs an empty message")
@@ -65,10 +48,9 @@ def read_pin(config, env):
         data = files.read_named_file(config.pin_file, "PIN file", PIN_FILE_LIMIT, secret=True)
         first = data.split(b"\n", 1)[0].rstrip(b"\r")
         # Bytes that are not UTF-8 still reach pkcs11-tool unchanged (PINs are bytes).
-        pin = Secret(first.decode("utf-8", "surrogateescape"))
-        if not pin.reveal():
+        if not first:
             raise errors.PinMissing(f"PIN file {config.pin_file} is empty; write the user PIN in it")
-        env[name] = pin.reveal()
+        env[name] = first.decode("utf-8", "surrogateescape")
         return name
     if name not in env:
         raise errors.PinMissing(f"no PIN: set {name} or give --pin-file")

@@ -550,8 +550,7 @@ ED25519_PARAMS = ("130c656477617264733235353139", "06032b6570")
 _HEX_DIGITS = frozenset("0123456789abcdef")
 # Field names across OpenSC versions: 0.23-0.26 print EC_POINT/EC_PARAMS, 0.27 "EC Point"/"EC Params".
 _FIELDS = {"label": "label", "ID": "id", "EC_POINT": "ec_point", "EC Point": "ec_point",
-           "EC_PARAMS": "ec_params", "EC Params": "ec_params", "Usage": "usage",
-           "Access": "access", "uri": "uri"}
+           "EC_PARAMS": "ec_params", "EC Params": "ec_params", "Access": "access", "uri": "uri"}
 KEY_KINDS = ("private key", "public key", "secret key")
 
 
@@ -655,7 +654,6 @@ class TokenObject:
         self.ec_point = None
         self.ec_params = None
         self.access = frozenset()
-        self.usage = frozenset()
         self.uri = None  # OpenSC 0.26+ prints each object's PKCS#11 URI
 
     @property
@@ -674,9 +672,8 @@ class TokenObject:
             self.ec_params = hex_digits(value.split("(", 1)[0])
         elif name == "uri":
             self.uri = value
-        elif name in ("access", "usage"):
-            setattr(self, name, frozenset(part.strip() for part in value.split(",")
-                                          if part.strip()))
+        elif name == "access":
+            self.access = frozenset(part.strip() for part in value.split(",") if part.strip())
 
     def public_key(self):
         """The 32-byte Ed25519 key from CKA_EC_POINT, DER-wrapped or raw."""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lap_pkcs11 import ed25519, envfile, errors, tool
-from lap_pkcs11.signer import Secret
+from lap_pkcs11.agent.cli import Secret
 
 
 def config(**overrides):

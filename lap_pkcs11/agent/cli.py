@@ -149,9 +149,27 @@ def load_file_environment(config, log):
                "them outside debugging")
 
 
+class Secret:
+    """The PIN the agent keeps for its logins: it never shows itself in a repr, a log line
+    or a traceback, and it lives in this object only (not in the environment)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def reveal(self):
+        return self._value
+
+    def __repr__(self):
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
 def read_pin(config):
     """The PIN from exactly one source, as ``sign`` reads it, then out of the environment."""
-    from lap_pkcs11.signer import Secret, read_pin as read_signer_pin
+    from lap_pkcs11.signer import read_pin as read_signer_pin
 
     env = dict(os.environ)
     env.update({name: value for name, value in config.file_env.items() if name not in env})
