@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -87,7 +86,7 @@ def start_agent(home, module, env, bin_dir):
 def compiled_client(bin_dir, home):
     """lap-pkcs11-client: the installed one when it is this version's, else one built here."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from lap_pkcs11 import compiled_client as build
+    from lap_pkcs11.admin import compiled_client as build
 
     path, current = build.state(bin_dir)
     if path is not None and current:
@@ -142,10 +141,10 @@ def in_agent_throughput(module, env, count, size):
     """Signatures per second of one worker: TokenSession.sign (sign + verify) in a loop."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
-    from lap_pkcs11 import config as configuration
+    from lap_pkcs11.per_signature import config as configuration
     from lap_pkcs11.agent.metrics import Metrics
-    from lap_pkcs11.agent.session import TokenSession
-    from lap_pkcs11.signer import Secret
+    from lap_pkcs11.backends.pkcs11_session import TokenSession
+    from lap_pkcs11.per_signature.signer import Secret
 
     config = configuration.resolve({"module": module, "token_label": LABEL, "key_id": "01"},
                                    {})

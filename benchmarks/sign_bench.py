@@ -48,7 +48,7 @@ def provision(home):
     listing = subprocess.run([*tool, "--list-objects", "--type", "pubkey"], env=env, check=True,
                              capture_output=True, text=True).stdout
     # The package's own parser reads every OpenSC's listing (0.27 prints "EC Point:", wrapped).
-    from lap_pkcs11.tool import parse_objects
+    from lap_pkcs11.backends.pkcs11_tool import parse_objects
 
     (key,) = [obj for obj in parse_objects(listing) if obj.kind == "public key" and obj.id == "01"]
     return module, env, tool, key.public_key().hex()

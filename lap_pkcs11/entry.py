@@ -2,7 +2,7 @@
 
 ``sign``, ``client`` and ``serve`` run once per gateway signature, so they are
 routed to their stdlib-only modules before anything heavy is imported; every
-other command goes to the typer application in ``lap_pkcs11.cli``.
+other command goes to the typer application in ``lap_pkcs11.admin.cli``.
 """
 
 import sys
@@ -13,21 +13,21 @@ def main():
     started = time.monotonic()
     args = sys.argv[1:]
     if args[:1] == ["sign"]:
-        from lap_pkcs11.sign_cli import main as sign_main
+        from lap_pkcs11.per_signature.sign_command import main as sign_main
 
         return sign_main(args[1:], started)
     if args[:1] == ["client"]:
-        from lap_pkcs11.client_cli import main as client_main
+        from lap_pkcs11.per_signature.client_command import main as client_main
 
         return client_main(args[1:], started)
     if args[:1] == ["serve"]:
-        from lap_pkcs11.serve_cli import main as serve_main
+        from lap_pkcs11.per_signature.serve_command import main as serve_main
 
         return serve_main(args[1:], started)
     if args[:1] in (["agent"], ["agent-status"]):
         from lap_pkcs11.agent.cli import main as agent_main
 
         return agent_main(args, started)
-    from lap_pkcs11.cli import run
+    from lap_pkcs11.admin.cli import run
 
     return run()

@@ -108,10 +108,10 @@ readonly WRITE_WAIT=0.2  # stdout: a full pipe nobody reads is an error after th
 readonly MIN_TOOL_MS=50 GRACE_MS=200 KILL_RESERVE_MS=50 BACKSTOP_MS=20 POLL_US=20000
 readonly ENV_FILE_LIMIT=1048576 PIN_FILE_LIMIT=4096 STATE_FILE_LIMIT=4096 OUTPUT_LIMIT=65536
 readonly GUARD_REMEMBERED=8  # rejected PINs the guard keeps
-# Signals whose default would end us (as lap_pkcs11/process.py's): each is one line.
+# Signals whose default would end us (as lap_pkcs11/per_signature/process.py's): each is one line.
 readonly SIGNALS=(HUP INT QUIT USR1 USR2 ALRM TERM VTALRM PROF)
 
-# attr|flag|variables|default: the same table as lap_pkcs11/options.py.
+# attr|flag|variables|default: the same table as lap_pkcs11/per_signature/options.py.
 readonly OPTION_TABLE=(
   "uri|--uri|LAP_PKCS11_URI|"
   "module|--module|LAP_PKCS11_MODULE|"
@@ -215,7 +215,7 @@ usage() {
 # started_at: when this process began, from the kernel (field 22 of
 # /proc/self/stat, in clock ticks since boot, against /proc/uptime): the
 # caller's deadline runs from before we started, and under load bash's own start
-# takes a while. As lap_pkcs11/process.py's started_at; 10 ms resolution.
+# takes a while. As lap_pkcs11/per_signature/process.py's started_at; 10 ms resolution.
 started_at() {
   local stat up ticks now=${EPOCHREALTIME/./} fields=()
   { IFS= read -r stat < /proc/self/stat && read -r up _ < /proc/uptime; } 2>/dev/null || return 0
@@ -423,7 +423,7 @@ quoted_value() {
   return 1
 }
 
-# load_env_file PATH: the one env-file grammar (lap_pkcs11/envfile.py reads the
+# load_env_file PATH: the one env-file grammar (lap_pkcs11/per_signature/envfile.py reads the
 # same; tests/envfile_cases.json holds the cases), read as data. Lines end in LF
 # or CRLF; a line holding a byte that another reader could take for a line end
 # or drop (NUL, a control character other than TAB, DEL, U+0085, U+2028,
@@ -580,7 +580,7 @@ resolve() {
   VAL[env_file]=$path
   # Each option's raw text by precedence: flag, environment, env file, default;
   # parsed at once, unless a URI (the table's first option) is given: then all
-  # are parsed after the URI has filled its options, as lap_pkcs11/config.py does.
+  # are parsed after the URI has filled its options, as lap_pkcs11/per_signature/config.py does.
   for entry in "${OPTION_TABLE[@]}"; do
     attr=${entry%%|*} entry=${entry#*|}
     flag=${entry%%|*} entry=${entry#*|}
@@ -658,7 +658,7 @@ resolve() {
   fi
 }
 
-# PKCS#11 URIs (RFC 7512), read as lap_pkcs11/uri.py reads them: the pkcs11:
+# PKCS#11 URIs (RFC 7512), read as lap_pkcs11/per_signature/uri.py reads them: the pkcs11:
 # scheme, path attributes separated by ";", an optional query after "?" with
 # attributes separated by "&", values of the characters the grammar allows for
 # their component or %HH escapes, no attribute twice, no whitespace, no
@@ -1161,7 +1161,7 @@ start_helper() {
 }
 
 # inspect_files: begin_inspect's answers, checked in the order of
-# lap_pkcs11/signer.py: the PIN file, the module, the tool, the directories
+# lap_pkcs11/per_signature/signer.py: the PIN file, the module, the tool, the directories
 # above the lock directory, the directory, the lock file. The lock and the
 # guard are named after the module file and the SoftHSM2 configuration file
 # (device and inode, whatever path names them; a configuration that names no
@@ -1290,12 +1290,8 @@ await_lock() {
   wait "$LOCKER" || fail TIMEOUT "the token stayed busy with other signatures until the deadline; raise --timeout-ms or lower concurrency"
 }
 
-# The PIN guard (as lap_pkcs11/signer.py's PinGuard): the PINs the token
-# rejected are remembered, the last GUARD_REMEMBERED, one line each of
-# sha256(secret, newline, PIN) in hex, never the PIN, in the private directory,
-# and never tried again, so a wrong PIN cannot lock a real token. Checked,
-# recorded and cleared only while the lock is held: of many concurrent callers
-# with one rejected PIN, one login reaches the token.
+# The PIN guard: what it keeps and why is said once, at PinGuard in
+# lap_pkcs11/per_signature/signer.py; this is the same guard on the same files.
 
 # guard_lines PATH: the valid lines (64 hex digits) of a state file, into LINES.
 guard_lines() {
@@ -1365,8 +1361,8 @@ selector_args() {
 }
 
 # run_tool OUT ARGS...: pkcs11-tool, never started with less than MIN_TOOL_MS
-# left, as setsid -- timeout -s KILL SECONDS pkcs11-tool (as lap_pkcs11/tool.py):
-# coreutils timeout leads a session and process group of its own (no terminal
+# left, as setsid -- timeout -s KILL SECONDS pkcs11-tool (Python's backend keeps
+# the same times with a watchdog of its own instead): coreutils timeout leads a session and process group of its own (no terminal
 # to prompt on) and KILLs that whole group, a module's helper processes
 # included, BACKSTOP_MS after kill_at. While we live we kill it ourselves at
 # kill_at; when a caller SIGKILLs us, the run is not cut inside a login (which
@@ -1528,7 +1524,8 @@ resolve_key_id() {
   ((STATUS == 0)) || classify
   local line field="" value in_key="" label="" id="" have_label="" ids=() same=()
   local wanted=${VAL[key_label]} want_id=${VAL[key_id]-}
-  # The listing of every OpenSC from 0.23 to 0.27, read as lap_pkcs11/tool.py's
+  # The listing of every OpenSC from 0.23 to 0.27, read as
+  # lap_pkcs11/backends/pkcs11_tool.py's
   # parse_objects reads it: an object starts at a line with no indent, fields are
   # "  name: value", a line indented deeper continues the field before it (0.27
   # wraps values over 32 bytes). Ids become lowercase hex, "?" when unreadable.
@@ -1591,7 +1588,7 @@ resolve_key_id() {
 # or the module's library-*= picks the one matching token (with its label or
 # slot id, when given) from one --show-info --list-token-slots run, and selects
 # it by slot id: pkcs11-tool itself selects only by label, slot or index. As
-# lap_pkcs11/signer.py's resolve_token and choose_token.
+# lap_pkcs11/per_signature/signer.py's resolve_token and choose_token.
 resolve_token() {
   local attr any="" line name value head inside current=-1 count=0 i wanted="" library="" shown=""
   local slot_id=""
@@ -1819,7 +1816,7 @@ main() {
   if ! type -P setsid flock >/dev/null; then
     fail TOOL_NOT_FOUND "setsid or flock (util-linux) is missing; install util-linux"
   fi
-  # coreutils' timeout at a fixed place, as lap_pkcs11/tool.py finds it (not on PATH).
+  # coreutils' timeout at a fixed place, not from PATH (as Python's watchdog is /bin/bash).
   if [[ -x /usr/bin/timeout ]]; then TIMEOUT_TOOL=/usr/bin/timeout
   elif [[ -x /bin/timeout ]]; then TIMEOUT_TOOL=/bin/timeout
   else fail TOOL_NOT_FOUND "timeout (coreutils) is missing; install it"

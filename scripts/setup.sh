@@ -68,6 +68,9 @@ main() {
   local python=/usr/bin/python3
   [[ -x $python ]] || python=$(command -v python3)
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
+  # setuptools builds in build/ and never removes what is no longer in the tree: a
+  # module moved or deleted would be installed again from there.
+  rm -rf "$ROOT/build"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${ROOT}[$extras]"
   install_client "$venv"
   echo "$PROG: lap-pkcs11 installed in $venv" >&2

@@ -23,8 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from lap_pkcs11.token import parse_slots
-from lap_pkcs11.tool import parse_objects
+from lap_pkcs11.admin.token_inspection import parse_slots
+from lap_pkcs11.backends.pkcs11_tool import parse_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOOL = ROOT / "tests" / "fakes" / "fake-pkcs11-tool"
@@ -43,6 +43,46 @@ TEST_TOOL = os.environ.get("LAP_TEST_PKCS11_TOOL", "")
 _LEAKY = re.compile(r"^(LAP_|SIGNER_|PKCS11|SOFTHSM2_CONF$|OPENSC|XDG_RUNTIME_DIR$|RUNTIME_DIRECTORY$)")
 
 
+def installed_differences():
+    """How the lap-pkcs11 that the CLI tests run (the venv's installed copy, as ``python
+    -I`` finds it) differs from this tree: [relative path] of every file that is
+    missing, extra or different. The in-process tests import the tree (pytest puts the
+    checkout first on sys.path); the command-line tests run the installed command."""
+    found = subprocess.run([sys.executable, "-I", "-c",
+                            "import lap_pkcs11, os; print(os.path.dirname(lap_pkcs11.__file__))"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        return ["lap_pkcs11 (not installed)"]
+    installed = Path(found.stdout.strip())
+    wanted = {path.relative_to(ROOT): path for path in (ROOT / "lap_pkcs11").rglob("*")
+              if path.is_file() and "__pycache__" not in path.parts}
+    wanted.update({Path("lap_pkcs11/shell", name): ROOT / "scripts" / name
+                   for name in ("pkcs11_signer.sh", "smoke.sh")})
+    have = {Path("lap_pkcs11") / path.relative_to(installed): path
+            for path in installed.rglob("*") if path.is_file()
+            and "__pycache__" not in path.parts
+            and path.relative_to(installed).parts[0] != "units"}
+    differences = sorted(str(name) for name in set(wanted) ^ set(have))
+    differences += sorted(str(name) for name in set(wanted) & set(have)
+                          if wanted[name].read_bytes() != have[name].read_bytes())
+    command = Path(sys.executable).parent / "lap-pkcs11"
+    tree_command = (ROOT / "bin" / "lap-pkcs11").read_bytes().split(b"\n", 1)[1]
+    if not command.is_file() or command.read_bytes().split(b"\n", 1)[1] != tree_command:
+        differences.append("bin/lap-pkcs11")
+    return differences
+
+
+def pytest_sessionstart(session):
+    """Refuse to test an installed copy that is not this tree (an edit not installed
+    yet, or a stale file a build left behind): the CLI tests would test the old code."""
+    differences = installed_differences()
+    if differences:
+        pytest.exit(f"the installed lap-pkcs11 ({sys.executable}) is not this tree: "
+                    f"{', '.join(differences[:5])}{' ...' if len(differences) > 5 else ''}; "
+                    "run scripts/setup.sh --test (or scripts/test.sh, which runs it)",
+                    returncode=3)
+
+
 def softhsm_module():
     for path in MODULE_CANDIDATES:
         if os.path.exists(path):
@@ -56,7 +96,7 @@ def require(program):
     return path
 
 
-def pkcs11_tool():
+def tool_program():
     """The pkcs11-tool under test: $LAP_TEST_PKCS11_TOOL, else Debian's on PATH.
 
     A selected version that is not built here skips the test that needs it, saying so.
@@ -98,13 +138,13 @@ class Token:
         self.env["SOFTHSM2_CONF"] = str(self.conf)
         self.env["PKCS11_PIN"] = USER_PIN
         if TEST_TOOL:
-            self.env["LAP_PKCS11_TOOL"] = pkcs11_tool()
+            self.env["LAP_PKCS11_TOOL"] = tool_program()
         run_checked([require("softhsm2-util"), "--init-token", "--free", "--label", label,
                      "--so-pin", SO_PIN, "--pin", USER_PIN], self.env)
 
     def tool(self, *args, stdin=None):
         """Run the real pkcs11-tool against this token, logged in."""
-        argv = [pkcs11_tool(), "--module", self.module, "--token-label", self.label,
+        argv = [tool_program(), "--module", self.module, "--token-label", self.label,
                 "--login", "--pin", "env:PKCS11_PIN", *args]
         return run_checked(argv, self.env, input=stdin)
 
@@ -138,7 +178,7 @@ class Token:
 
     def slot_id(self):
         """The token's current slot id (SoftHSM picks a new one at every init)."""
-        listing = run_checked([pkcs11_tool(), "--module", self.module, "--list-token-slots"],
+        listing = run_checked([tool_program(), "--module", self.module, "--list-token-slots"],
                               self.env).stdout.decode()
         slots = [slot for slot, label in parse_slots(listing) if label == self.label]
         assert len(slots) == 1, listing
@@ -336,7 +376,7 @@ def compiled_client(tmp_path_factory):
     if C_CLIENT:
         assert os.access(C_CLIENT, os.X_OK), f"LAP_TEST_C_CLIENT={C_CLIENT} is not executable"
         return Path(C_CLIENT)
-    from lap_pkcs11 import compiled_client as build
+    from lap_pkcs11.admin import compiled_client as build
 
     assert shutil.which(os.environ.get("CC") or "cc"), \
         "no C compiler for lap-pkcs11-client: apt-get install gcc libc6-dev"

@@ -364,9 +364,9 @@ def test_the_env_file_environment_reaches_the_module(keyed, tmp_path):
                                    base64.b64encode(bytes(1025)) + b"\n"])
 def test_framed_base64_rules_are_sign_rules(stdin):
     """protocol.decode takes and refuses what sign's read_message does (up to 1024 bytes)."""
-    from lap_pkcs11 import errors
+    from lap_pkcs11.per_signature import errors
     from lap_pkcs11.agent import protocol
-    from lap_pkcs11.sign_cli import read_message
+    from lap_pkcs11.per_signature.sign_command import read_message
 
     def outcome(decode):
         try:

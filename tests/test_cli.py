@@ -14,7 +14,7 @@ import typer
 
 from conftest import SHELL_SIGNER, USER_PIN
 from lap_pkcs11 import __version__
-from lap_pkcs11.cli import app
+from lap_pkcs11.admin.cli import app
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 COMMANDS = sorted(typer.main.get_command(app).commands)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import FAKE_TOOL, OTHER_UID, USER_PIN, assert_failure, gateway_decode, verify
-from lap_pkcs11 import errors
+from lap_pkcs11.per_signature import errors
 from test_agent import Agent, reinitialise
 from test_sign_errors import alive
 from test_systemd import activated  # noqa: F401  (a fixture)
@@ -777,7 +777,7 @@ def test_stdin_that_does_not_end_is_timeout_at_the_deadline(fake_signer, run, da
 @pytest.mark.parametrize("size", ["limit", "over"])
 def test_stdin_is_forwarded_up_to_the_agents_limit(fake_signer, run, size):
     """Up to wire.MAX_BODY bytes, and one byte more (the signer refuses it whole)."""
-    from lap_pkcs11 import wire
+    from lap_pkcs11.per_signature import wire
 
     stdin = b"A" * (wire.MAX_BODY + (1 if size == "over" else 0))
     server = fake_signer(lambda request: b"LAP1 65 MESSAGE_TOO_LARGE\nlap-pkcs11: "

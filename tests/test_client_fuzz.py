@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from lap_pkcs11 import errors
-from lap_pkcs11.client_cli import signature_of
+from lap_pkcs11.per_signature import errors
+from lap_pkcs11.per_signature.client_command import signature_of
 from test_client import PYTHON_CLIENT, assert_same, base_env
 
 CASES = int(os.environ.get("LAP_FUZZ_CASES", "2000"))

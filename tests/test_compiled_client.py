@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_failure
-from lap_pkcs11 import compiled_client as build, config as configuration, doctor
-from lap_pkcs11.client_cli import USAGE
-from lap_pkcs11.cli import signing_command
+from lap_pkcs11.admin import compiled_client as build, doctor
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.per_signature.client_command import USAGE
+from lap_pkcs11.admin.cli import signing_command
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 SOURCE = build.SOURCE
@@ -74,7 +75,7 @@ def test_the_source_allocates_nothing_and_keeps_its_buffers_fixed():
 
 
 def test_the_compiled_client_knows_every_error_of_errors_py():
-    from lap_pkcs11 import errors
+    from lap_pkcs11.per_signature import errors
 
     table = dict(re.findall(r'\{"([A-Z_]+)", (\d+)\}', SOURCE.read_text()))
     names = {}

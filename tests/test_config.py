@@ -4,9 +4,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lap_pkcs11 import config, errors
-from lap_pkcs11 import settings as admin_settings
-from lap_pkcs11.options import OPTIONS
+from lap_pkcs11.per_signature import config, errors
+from lap_pkcs11.admin import settings as admin_settings
+from lap_pkcs11.per_signature.options import OPTIONS
 
 # Candidate raw values per option: valid ones and a few invalid ones.
 VALUES = {

@@ -15,8 +15,9 @@ import time
 import pytest
 
 from conftest import IMPLEMENTATIONS, assert_failure
-from lap_pkcs11 import errors, tool
-from lap_pkcs11 import signer as signing
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import errors
+from lap_pkcs11.per_signature import signer as signing
 from test_sign_errors import fake
 
 MESSAGE = b"\x00lap receipt\x00" * 20
@@ -55,30 +56,30 @@ def test_a_tool_that_does_not_finish_in_the_grace_is_killed(signer, keyed):
 def test_no_tool_is_started_when_its_run_no_longer_fits(monkeypatch):
     """A pkcs11-tool run needs 50 ms here: with less left it is not started at all."""
     started = []
-    monkeypatch.setattr(tool.os, "posix_spawn", lambda *a, **k: started.append(a))
-    deadline = tool.Deadline(time.monotonic() + (tool.MIN_TOOL_MS - 10) / 1000)
+    monkeypatch.setattr(pkcs11_tool.os, "posix_spawn", lambda *a, **k: started.append(a))
+    deadline = pkcs11_tool.Deadline(time.monotonic() + (pkcs11_tool.MIN_TOOL_MS - 10) / 1000)
     with pytest.raises(errors.Timeout):
-        tool.run(["pkcs11-tool", "--sign"], {}, deadline)
+        pkcs11_tool.run(["pkcs11-tool", "--sign"], {}, deadline)
     assert started == []
 
 
 def test_the_lock_wait_stops_where_a_tool_run_would_no_longer_fit(tmp_path):
     """Waiting for the token lock ends MIN_TOOL_MS before the deadline, with TIMEOUT."""
     path = tmp_path / "x.lock"
-    holder = signing.acquire_lock(str(path), tool.Deadline(time.monotonic() + 5))
+    holder = signing.acquire_lock(str(path), pkcs11_tool.Deadline(time.monotonic() + 5))
     try:
         end = time.monotonic() + 0.3
         with pytest.raises(errors.Timeout):
-            signing.acquire_lock(str(path), tool.Deadline(end))
+            signing.acquire_lock(str(path), pkcs11_tool.Deadline(end))
         assert time.monotonic() < end, "the lock wait went on into the last 50 ms"
     finally:
         os.close(holder)
 
 
 def test_the_kill_comes_before_the_callers_own_end():
-    deadline = tool.Deadline(100.0, caller_end=100.1)
-    assert deadline.kill_at == pytest.approx(100.1 - tool.KILL_RESERVE_MS / 1000)
-    assert tool.Deadline(100.0).kill_at == pytest.approx(100.0 + tool.GRACE_MS / 1000)
+    deadline = pkcs11_tool.Deadline(100.0, caller_end=100.1)
+    assert deadline.kill_at == pytest.approx(100.1 - pkcs11_tool.KILL_RESERVE_MS / 1000)
+    assert pkcs11_tool.Deadline(100.0).kill_at == pytest.approx(100.0 + pkcs11_tool.GRACE_MS / 1000)
 
 
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
@@ -109,7 +110,7 @@ def test_a_signal_during_the_run_lets_the_tool_finish_and_answers_one_line(signe
 def test_the_python_signer_is_not_dumpable_and_has_no_core_limit():
     """No core file may hold the PIN: RLIMIT_CORE 0 (inherited by pkcs11-tool), not dumpable."""
     for public in (False, True):  # ctypes' core, and the public module it falls back to
-        code = ("from lap_pkcs11 import process;"
+        code = ("from lap_pkcs11.per_signature import process;"
                 f"process.no_core_dumps(public={public});"
                 "prctl, _ = process._libc_functions(public=True); print(prctl(3, 0, 0, 0, 0));"
                 "import resource; print(resource.getrlimit(resource.RLIMIT_CORE))")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lap_pkcs11.options import OPTIONS
+from lap_pkcs11.per_signature.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, pkcs11_tool
-from lap_pkcs11 import envfile
+from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, tool_program
+from lap_pkcs11.per_signature import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 README = ROOT / "README.md"
@@ -305,7 +305,7 @@ class Setup:
         # The module's own configuration, and the pkcs11-tool under test.
         extra = {"SOFTHSM2_CONF": str(token.conf)}
         if TEST_TOOL:
-            extra["LAP_PKCS11_TOOL"] = pkcs11_tool()
+            extra["LAP_PKCS11_TOOL"] = tool_program()
         self.signer_env = workdir / "signer.env"
         self.signer_lines = [f"{name}={ours[name]}" for name in values] + [
             f"{name}={value}" for name, value in extra.items()]

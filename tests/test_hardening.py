@@ -29,7 +29,7 @@ import pytest
 
 from conftest import (FAKE_TOOL, IMPLEMENTATIONS, OTHER_UID, ROOT, USER_PIN, Foreign, Token,
                       assert_failure, gateway_decode, ordinary_user, verify)
-from test_sign_errors import alive, fake
+from test_sign_errors import fake
 from test_sign_process import recorded, wait_for
 
 MESSAGE = b"\x00lap hardening\x00" * 8

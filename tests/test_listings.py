@@ -2,9 +2,10 @@
 
 The listings in tests/data/listings/VERSION/ were recorded by
 tests/data/listings/record.py from Debian's 0.23 and from 0.26.1 and 0.27.1
-built from OpenSC's release tags. Both parsers (lap_pkcs11.tool.parse_objects
-and the shell mirror's resolve_key_id) must read every one of them; the last
-tests run against the pkcs11-tool under test (LAP_TEST_PKCS11_TOOL).
+built from OpenSC's release tags. Both parsers
+(lap_pkcs11.backends.pkcs11_tool.parse_objects and the shell mirror's
+resolve_key_id) must read every one of them; the last tests run against the
+pkcs11-tool under test (LAP_TEST_PKCS11_TOOL).
 """
 
 import json
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHELL_SIGNER, TEST_TOOL, pkcs11_tool
-from lap_pkcs11 import errors, signer, token, tool
+from conftest import SHELL_SIGNER, TEST_TOOL, tool_program
+from lap_pkcs11.admin import token_inspection
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import errors, signer
 
 LISTINGS = Path(__file__).resolve().parent / "data" / "listings"
 VERSIONS = sorted(path.name for path in LISTINGS.iterdir() if path.is_dir())
@@ -38,7 +41,7 @@ def test_every_version_was_recorded():
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", ["all", "privkey", "pubkey"])
 def test_python_parser_reads_every_key(version, name):
-    objects = tool.parse_objects(listing(version, name))
+    objects = pkcs11_tool.parse_objects(listing(version, name))
     keys = expected(version)
     kinds = {"all": ("private key", "public key"), "privkey": ("private key",),
              "pubkey": ("public key",)}[name]
@@ -60,21 +63,23 @@ def test_python_parser_reads_every_key(version, name):
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", ["privkey", "pubkey"])
 def test_keygen_can_prove_ids_free_on_every_version(version, name):
-    assert token.listing_doubt(*tool.read_listing(listing(version, name))) is None
+    objects, strays = pkcs11_tool.read_listing(listing(version, name))
+    assert token_inspection.listing_doubt(objects, strays) is None
 
 
 def test_keygen_doubts_what_it_cannot_read():
     key = "Private Key Object; EC_EDWARDS\n  label:      k\n  ID:         01\n"
-    assert token.listing_doubt(*tool.read_listing("Using slot 0 (0x1)\n" + key)) is None
+    objects, strays = pkcs11_tool.read_listing("Using slot 0 (0x1)\n" + key)
+    assert token_inspection.listing_doubt(objects, strays) is None
     for text in ("Private key 01\n" + key, key + "  Key ID:     02\n",
                  key.replace("01", "1 (0x02)"), key.replace("  ID:         01\n", "")):
-        assert token.listing_doubt(*tool.read_listing(text)), text
+        assert token_inspection.listing_doubt(*pkcs11_tool.read_listing(text)), text
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_access_flags_tell_generated_from_imported(version):
     origins = {key["id"]: key["origin"] for key in expected(version)}
-    for obj in tool.parse_objects(listing(version, "privkey")):
+    for obj in pkcs11_tool.parse_objects(listing(version, "privkey")):
         never = "never extractable" in obj.access
         assert never == (origins[obj.id] == "generated"), obj.id
 
@@ -109,7 +114,8 @@ def test_both_parsers_refuse_what_they_cannot_read(tmp_path, monkeypatch, text, 
     path.write_text(text)
     result = shell_key_id(path, label)
     assert result.returncode == 69 and result.stderr.startswith(f"lap-pkcs11: {name}: ")
-    monkeypatch.setattr(tool, "run", lambda *args, **kwargs: tool.Result(0, text.encode(), ""))
+    monkeypatch.setattr(pkcs11_tool, "run",
+                        lambda *args, **kwargs: pkcs11_tool.Result(0, text.encode(), ""))
     config = types.SimpleNamespace(key_id=None, key_label=label, module="/m.so", slot=None,
                                    slot_index=None, token_label=None)
     with pytest.raises(errors.SignerError) as failure:
@@ -125,7 +131,7 @@ def test_both_parsers_refuse_what_they_cannot_read(tmp_path, monkeypatch, text, 
     ("", None),
 ])
 def test_id_forms(text, hex_id):
-    assert tool.id_hex(text) == hex_id
+    assert pkcs11_tool.id_hex(text) == hex_id
 
 
 def test_wrapped_values_join_the_field_before_them():
@@ -134,7 +140,7 @@ def test_wrapped_values_join_the_field_before_them():
             "  EC Params:  13:0c:65:64:77:61:72:64:73:32:35:35:31:39 (\"edwards25519\")\n"
             "  label:      k\n  ID:         " + ":".join(["0a"] * 32) + "\n"
             "              0b:0c\n  Usage:      verify\n")
-    (obj,) = tool.parse_objects(text)
+    (obj,) = pkcs11_tool.parse_objects(text)
     assert obj.public_key() == b"\xab" * 32
     assert obj.id == "0a" * 32 + "0b0c" and obj.label == "k"
 
@@ -151,12 +157,12 @@ def test_wrapped_values_join_the_field_before_them():
      "TOKEN_NOT_FOUND"),
 ])
 def test_newer_messages_are_classified(stderr, name):
-    assert tool.classify(tool.Result(1, b"", stderr)).name == name
+    assert pkcs11_tool.classify(pkcs11_tool.Result(1, b"", stderr)).name == name
 
 
 def tool_version():
     """The OpenSC version of the pkcs11-tool under test, from the opensc-tool beside it."""
-    opensc_tool = Path(pkcs11_tool()).resolve().parent / "opensc-tool"
+    opensc_tool = Path(tool_program()).resolve().parent / "opensc-tool"
     out = subprocess.run([opensc_tool, "--info"], capture_output=True, text=True).stdout
     return out.split()[1]
 
@@ -175,7 +181,7 @@ def test_the_eddsa_limit_of_this_pkcs11_tool_is_1024_bytes(keyed):
     for size, signs in ((1024, True), (1025, False)):
         path = token.home / f"m{size}"
         path.write_bytes(os.urandom(size))
-        result = subprocess.run([pkcs11_tool(), "--module", token.module, "--token-label",
+        result = subprocess.run([tool_program(), "--module", token.module, "--token-label",
                                  token.label, "--login", "--pin", "env:PKCS11_PIN", "--sign",
                                  "--mechanism", "EDDSA", "--id", "01", "--input-file", path],
                                 env=token.env, capture_output=True, timeout=60)
@@ -188,7 +194,7 @@ def field_names(text):
 
 
 def key_names(text):
-    return sorted((obj.kind, obj.id, obj.label) for obj in tool.parse_objects(text))
+    return sorted((obj.kind, obj.id, obj.label) for obj in pkcs11_tool.parse_objects(text))
 
 
 @pytest.mark.parametrize("version", ["0.26.1", "0.27.1"])
@@ -205,6 +211,6 @@ def test_a_release_build_prints_what_was_recorded(version, tmp_path):
         assert field_names(fresh) == field_names(listing(version, name))
         assert key_names(fresh) == key_names(listing(version, name))
     for key in json.loads((out / "expected.json").read_text()):
-        (public,) = [obj for obj in tool.parse_objects((out / "all.txt").read_text())
+        (public,) = [obj for obj in pkcs11_tool.parse_objects((out / "all.txt").read_text())
                      if obj.kind == "public key" and obj.id == key["id"]]
         assert public.public_key().hex() == key["public_key_hex"]

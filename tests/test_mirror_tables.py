@@ -11,8 +11,10 @@ import itertools
 import subprocess
 
 from conftest import SHELL_SIGNER
-from lap_pkcs11 import (__version__, config, envfile, errors, options, process, sign_cli,
-                        signer, tool, uri)
+from lap_pkcs11 import __version__
+from lap_pkcs11.backends import pkcs11_tool as tool
+from lap_pkcs11.per_signature import (config, envfile, errors, options, process, sign_command,
+                                      signer, uri)
 
 SCALARS = ("VERSION", "MAX_MESSAGE", "READ_LIMIT", "CALLER_MARGIN_MS", "MIN_DEADLINE_MS",
            "WRITE_WAIT", "MIN_TOOL_MS", "GRACE_MS", "KILL_RESERVE_MS", "BACKSTOP_MS",
@@ -66,7 +68,7 @@ def test_every_table_of_the_mirror_is_pythons():
         if cls is not errors.SignerError and cls.name not in NOT_SIGNS}
     python = {
         "VERSION": __version__, "MAX_MESSAGE": signer.MAX_MESSAGE,
-        "READ_LIMIT": sign_cli.READ_LIMIT, "CALLER_MARGIN_MS": config.CALLER_MARGIN_MS,
+        "READ_LIMIT": sign_command.READ_LIMIT, "CALLER_MARGIN_MS": config.CALLER_MARGIN_MS,
         "MIN_DEADLINE_MS": config.MIN_DEADLINE_MS, "WRITE_WAIT": process.OUTPUT_WAIT_SECONDS,
         "MIN_TOOL_MS": tool.MIN_TOOL_MS, "GRACE_MS": tool.GRACE_MS,
         "KILL_RESERVE_MS": tool.KILL_RESERVE_MS, "BACKSTOP_MS": tool.BACKSTOP_SLACK_MS,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, gateway_decode, pkcs11_tool, verify
-from lap_pkcs11 import envfile
+from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, gateway_decode, tool_program, verify
+from lap_pkcs11.per_signature import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 SEED = bytes(range(32))
@@ -266,7 +266,7 @@ def test_doctor_passes_on_a_good_token(keyed):
 def test_doctor_reports_the_configured_tools_version(keyed):
     """The version of the pkcs11-tool in use (from the opensc-tool beside it), not PATH's."""
     token, _ = keyed
-    tool = Path(pkcs11_tool()).resolve()
+    tool = Path(tool_program()).resolve()
     version = subprocess.run([tool.parent / "opensc-tool", "--info"], capture_output=True,
                              text=True, check=True).stdout.split("[")[0].strip()
     _, report = doctor(token, *token.args(), "--pkcs11-tool", str(tool))
@@ -349,7 +349,7 @@ def test_dev_softhsm_then_sign(tmp_path):
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
     env["VENV"] = str(Path(sys.executable).parent.parent)  # the script's lap-pkcs11 is this one
     if TEST_TOOL:
-        env["LAP_PKCS11_TOOL"] = pkcs11_tool()
+        env["LAP_PKCS11_TOOL"] = tool_program()
     script = ROOT / "scripts" / "dev-softhsm.sh"
     first = subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True,
                            text=True, check=True)
@@ -360,7 +360,7 @@ def test_dev_softhsm_then_sign(tmp_path):
     assert oct(signer_env.stat().st_mode & 0o777) == "0o600"
     subprocess.run(["bash", script, tmp_path / "dev"], env=env, capture_output=True, check=True)
     assert pinned in signer_env.read_text()  # a second run keeps the token and the key
-    assert (f"LAP_PKCS11_TOOL={pkcs11_tool()}" in signer_env.read_text()) == bool(TEST_TOOL)
+    assert (f"LAP_PKCS11_TOOL={tool_program()}" in signer_env.read_text()) == bool(TEST_TOOL)
     message = b"dev message"
     result = subprocess.run([LAP, "sign", "--env-file", signer_env], input=message, env=env,
                             cwd=tmp_path, capture_output=True)

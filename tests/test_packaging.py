@@ -202,7 +202,8 @@ def test_install_units_writes_units_that_name_the_installed_command(installed, t
 
 
 def test_install_units_refuses_a_path_systemd_would_split(tmp_path):
-    from lap_pkcs11 import errors, packaged
+    from lap_pkcs11.admin import packaged
+    from lap_pkcs11.per_signature import errors
 
     with pytest.raises(errors.ConfigInvalid, match="ExecStart"):
         packaged.install_units(tmp_path, command="/opt/my tools/bin/lap-pkcs11")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lap_pkcs11 import process
+from lap_pkcs11.per_signature import process
 
 from conftest import USER_PIN, assert_failure, gateway_decode, verify
 from test_sign_errors import alive, fake
@@ -162,11 +162,12 @@ def test_env_file_variables_reach_the_tool_under_the_real_environment(signer, ke
 # ---- the Python signer's watchdog -------------------------------------------------------
 
 def watched(seconds):
-    """A tool.Deadline whose kill time is ``seconds`` from now, its watchdog started (the
+    """A pkcs11_tool.Deadline whose kill time is ``seconds`` from now, its watchdog started (the
     test stands in for the signer: it holds the pipe's write end)."""
-    from lap_pkcs11 import tool
+    from lap_pkcs11.backends import pkcs11_tool
 
-    deadline = tool.Deadline(time.monotonic() + seconds - tool.GRACE_MS / 1000)  # kill_at
+    # Its kill_at is ``seconds`` from now.
+    deadline = pkcs11_tool.Deadline(time.monotonic() + seconds - pkcs11_tool.GRACE_MS / 1000)
     deadline.watch()
     return deadline
 
@@ -175,12 +176,12 @@ def start_tool(argv, deadline=None, tell=True):
     """A stand-in tool in its own session, holding the watchdog's pipe as fd 5 as
     pkcs11-tool does under the signer (without it, when ``deadline`` is None), and
     told to the watchdog when ``tell``; return its pid."""
-    from lap_pkcs11 import tool
+    from lap_pkcs11.backends import pkcs11_tool
 
     actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0)]
     if deadline is not None:
-        source = tool.high_copies([deadline.watch_fd])[0]
-        actions.append((os.POSIX_SPAWN_DUP2, source, tool.WATCHDOG_FD))
+        source = pkcs11_tool.high_copies([deadline.watch_fd])[0]
+        actions.append((os.POSIX_SPAWN_DUP2, source, pkcs11_tool.WATCHDOG_FD))
     pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=True)
     if deadline is not None:
         if source != deadline.watch_fd:
@@ -246,11 +247,11 @@ def test_a_told_tool_with_an_odd_name_dies_too():
 
 
 def test_an_interrupted_run_leaves_its_tool_to_the_watchdog(tmp_path):
-    """KeyboardInterrupt inside tool.run (an operator command has no signal handlers of
+    """KeyboardInterrupt inside pkcs11_tool.run (an operator command has no signal handlers of
     ours): the hung tool's group still dies at the kill time, not never."""
     record = tmp_path / "pid"
-    script = (f"import time; from lap_pkcs11 import tool\n"
-              f"tool.run(['/bin/bash', '-c', 'echo $$ > {record}; sleep 60 & wait'], "
+    script = (f"import time; from lap_pkcs11.backends import pkcs11_tool\n"
+              f"pkcs11_tool.run(['/bin/bash', '-c', 'echo $$ > {record}; sleep 60 & wait'], "
               f"{{'PATH': '/usr/bin:/bin'}}, time.monotonic() + 0.3)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     assert wait_for(lambda: record.exists() and record.read_text().strip())

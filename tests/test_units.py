@@ -9,7 +9,8 @@ from dotenv import dotenv_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lap_pkcs11 import ed25519, envfile, errors, tool
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import ed25519, envfile, errors
 from lap_pkcs11.agent.cli import Secret
 
 
@@ -21,8 +22,8 @@ def config(**overrides):
 
 
 def test_sign_argv_never_carries_the_pin_and_reads_the_memfd():
-    argv = tool.sign_argv("/usr/bin/pkcs11-tool", config(token_label="t"), "0a", "PKCS11_PIN",
-                          "/dev/fd/3")
+    argv = pkcs11_tool.sign_argv("/usr/bin/pkcs11-tool", config(token_label="t"), "0a",
+                                 "PKCS11_PIN", "/dev/fd/3")
     assert argv == ["/usr/bin/pkcs11-tool", "--module", "/m.so", "--token-label", "t", "--login",
                     "--pin", "env:PKCS11_PIN", "--sign", "--mechanism", "EDDSA", "--id", "0a",
                     "--input-file", "/dev/fd/3"]
@@ -34,7 +35,7 @@ def test_sign_argv_never_carries_the_pin_and_reads_the_memfd():
     ({}, []),
 ])
 def test_argv_token_selectors(overrides, selector):
-    argv = tool.list_objects_argv("pkcs11-tool", config(**overrides), "privkey", "PIN_VAR")
+    argv = pkcs11_tool.list_objects_argv("pkcs11-tool", config(**overrides), "privkey", "PIN_VAR")
     assert argv == ["pkcs11-tool", "--module", "/m.so", *selector, "--login", "--pin",
                     "env:PIN_VAR", "--list-objects", "--type", "privkey"]
 
@@ -50,7 +51,7 @@ def test_argv_token_selectors(overrides, selector):
     ("C_Sign failed: rv = CKR_DEVICE_ERROR (0x30)", "SIGNING_FAILED"),
 ])
 def test_classify_matches_stable_parts(stderr, name):
-    assert tool.classify(tool.Result(1, b"", stderr)).name == name
+    assert pkcs11_tool.classify(pkcs11_tool.Result(1, b"", stderr)).name == name
 
 
 def test_every_error_has_a_distinct_name_and_sysexits_code():
@@ -76,12 +77,12 @@ def test_parse_objects():
                "Public Key Object; EC_EDWARDS  EC_POINT 255 bits\n"
                "  EC_POINT:   0420" + "ab" * 32 + "\n"
                "  EC_PARAMS:  06032b6570 (OID 1.3.101.112)\n  ID:         02\n")
-    objects = tool.parse_objects(listing)
+    objects = pkcs11_tool.parse_objects(listing)
     assert [(o.kind, o.label, o.id) for o in objects] == [
         ("private key", "a b", "01"), ("private key", None, "02"), ("public key", None, "02")]
     assert objects[0].access == {"sensitive", "never extractable"}
     assert objects[2].public_key() == b"\xab" * 32
-    raw = tool.TokenObject("public key")
+    raw = pkcs11_tool.TokenObject("public key")
     raw.ec_point, raw.ec_params = "cd" * 32, "130c656477617264733235353139"
     assert raw.public_key() == b"\xcd" * 32
     raw.ec_params = "06032b6571"  # Ed448

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import (IMPLEMENTATIONS, ROOT, SHELL_SIGNER, USER_PIN, Token, assert_failure,
-                      gateway_decode, pkcs11_tool, run_checked, verify)
-from lap_pkcs11 import config, errors, sign_cli, tool, uri
-from lap_pkcs11 import settings as admin_settings
+                      gateway_decode, run_checked, tool_program, verify)
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import config, errors, sign_command, uri
+from lap_pkcs11.admin import settings as admin_settings
 
 CASES = json.loads((ROOT / "tests" / "uri_cases.json").read_text())
 LISTINGS = ROOT / "tests" / "data" / "listings"
@@ -160,7 +161,7 @@ def test_both_implementations_read_each_uri_alike(case):
 
 def python_resolve(args, env):
     try:
-        flags = sign_cli.parse_args(args)[0]
+        flags = sign_command.parse_args(args)[0]
         resolved = config.resolve(flags, env)
     except errors.SignerError as err:
         return None, err.line()
@@ -196,7 +197,7 @@ def test_both_resolvers_fill_and_refuse_alike(case):
             assert values[attr] == expected, attr
     # The administrative commands' resolver agrees too.
     try:
-        admin = admin_settings.load(sign_cli.parse_args(case["args"])[0], case["env"])
+        admin = admin_settings.load(sign_command.parse_args(case["args"])[0], case["env"])
         assert line is None and {attr: [str(value), admin.sources[attr]] for attr, value
                                  in admin.values().items() if value is not None} == values
     except errors.SignerError as err:
@@ -311,7 +312,7 @@ def test_the_uris_opensc_prints_name_the_keys_it_lists(version):
     which RFC 7512 reads as the bytes 01 30 32: such a URI names no key there (sign says
     KEY_NOT_FOUND); 0.27 writes %01%02."""
     listing = (LISTINGS / version / "all.txt").read_text()
-    keys = [obj for obj in tool.parse_objects(listing) if obj.is_key]
+    keys = [obj for obj in pkcs11_tool.parse_objects(listing) if obj.is_key]
     assert keys and all(obj.uri for obj in keys)
     misread = 0
     for obj in keys:
@@ -328,9 +329,9 @@ def test_the_uris_opensc_prints_name_the_keys_it_lists(version):
 
 def test_uri_is_read_only_when_one_is_given():
     """sign without a URI pays nothing for it: the module is not even imported."""
-    code = ("import sys; from lap_pkcs11 import config; "
+    code = ("import sys; from lap_pkcs11.per_signature import config; "
             "config.resolve({'module': '/m', 'key_id': '01'}, {}); "
-            "print('lap_pkcs11.uri' in sys.modules)")
+            "print('lap_pkcs11.per_signature.uri' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "False\n"
 
@@ -348,18 +349,18 @@ def two_tokens(tmp_path):
     pkcs11-tool lists second, so that the label alone selects the wrong token."""
     token = Token(tmp_path)
     Token(tmp_path)  # the same home: the same SOFTHSM2_CONF and token directory
-    listing = tool.read_token_listing(run_checked(
-        [pkcs11_tool(), "--module", token.module, "--show-info", "--list-token-slots"],
+    listing = pkcs11_tool.read_token_listing(run_checked(
+        [tool_program(), "--module", token.module, "--show-info", "--list-token-slots"],
         token.env).stdout.decode())
     assert [entry["label"] for entry in listing.tokens] == [token.label] * 2
     target = listing.tokens[1]
-    run_checked([pkcs11_tool(), "--module", token.module, "--slot", str(target["slot"]),
+    run_checked([tool_program(), "--module", token.module, "--slot", str(target["slot"]),
                  "--login", "--pin", "env:PKCS11_PIN", "--keypairgen", "--key-type",
                  "EC:edwards25519", "--id", "01", "--label", "lap key"], token.env)
-    listing = run_checked([pkcs11_tool(), "--module", token.module, "--slot",
+    listing = run_checked([tool_program(), "--module", token.module, "--slot",
                            str(target["slot"]), "--list-objects", "--type", "pubkey"],
                           token.env).stdout.decode()
-    (key,) = [obj for obj in tool.parse_objects(listing) if obj.id == "01"]
+    (key,) = [obj for obj in pkcs11_tool.parse_objects(listing) if obj.id == "01"]
     return token, target, key.public_key()
 
 
@@ -476,7 +477,7 @@ def test_keys_uris_agree_with_the_ones_opensc_prints(token):
     token.keygen("01", "lap key")
     token.import_seed(SEED, "0203", "imported, with a comma")
     listed = json.loads(run(token, "keys", "--module", token.module, "--json").stdout)
-    printed = {obj.id: obj.uri for obj in tool.parse_objects(
+    printed = {obj.id: obj.uri for obj in pkcs11_tool.parse_objects(
         token.tool("--list-objects", "--type", "privkey").stdout.decode())}
     for key in listed["keys"]:
         ours = uri.options(key["uri"])

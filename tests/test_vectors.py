@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import assert_failure, gateway_decode, verify
-from lap_pkcs11 import ed25519
+from lap_pkcs11.per_signature import ed25519
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc8032-ed25519.json").read_text())
 BY_NAME = {v["name"]: v for v in VECTORS["vectors"]}

@@ -2,8 +2,9 @@
 
 The rooms of the agent, each with its own rule about what it may import:
 
-- ``session``: the one owner of the PKCS#11 module (PyKCS11) and of the pinned
-  key (cryptography): login, signing, verification and recovery. Nothing else
+- ``lap_pkcs11.backends.pkcs11_session`` (its backend, outside this folder): the
+  one owner of the PKCS#11 module (PyKCS11) and of the pinned key
+  (cryptography): login, signing, verification and recovery. Nothing else
   touches the binding.
 - ``server``: the accept loop, the worker pool, deadlines, limits and peer
   credentials; ``protocol`` what is read and written on a connection;
@@ -12,6 +13,6 @@ The rooms of the agent, each with its own rule about what it may import:
   here that prints for people or picks an exit code.
 
 Importing this package imports nothing; PyKCS11 and cryptography are loaded by
-``session`` only, and only the long-running agent pays for them
+the session backend only, and only the long-running agent pays for them
 (``pip install 'lap-pkcs11[agent]'``).
 """

@@ -22,10 +22,10 @@ import stat
 import sys
 import threading
 
-from lap_pkcs11 import config as configuration
-from lap_pkcs11 import errors, wire
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.per_signature import errors, wire
 from lap_pkcs11.agent import protocol, systemd
-from lap_pkcs11.options import BY_ATTR, BY_FLAG, OPTIONS
+from lap_pkcs11.per_signature.options import BY_ATTR, BY_FLAG, OPTIONS
 
 # Variables that make a module log PIN-bearing traffic. The agent loads the module
 # it is told to in its own environment (a spy module is a deliberate choice), but
@@ -169,7 +169,7 @@ class Secret:
 
 def read_pin(config):
     """The PIN from exactly one source, as ``sign`` reads it, then out of the environment."""
-    from lap_pkcs11.signer import read_pin as read_signer_pin
+    from lap_pkcs11.per_signature.signer import read_pin as read_signer_pin
 
     env = dict(os.environ)
     env.update({name: value for name, value in config.file_env.items() if name not in env})
@@ -246,7 +246,7 @@ def agent_main(args):
         peers = Peers.from_config(config)
         try:
             from lap_pkcs11.agent.metrics import Metrics
-            from lap_pkcs11.agent.session import TokenSession
+            from lap_pkcs11.backends.pkcs11_session import TokenSession
         except ImportError as err:
             raise errors.ConfigInvalid(f"the agent needs its extra ({err.name} is missing): "
                                        "pip install 'lap-pkcs11[agent]'") from None

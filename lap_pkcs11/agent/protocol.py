@@ -3,7 +3,7 @@
 Three kinds of request share one socket, told apart by their first bytes:
 
 - ``LAP1 <deadline ms>\\n`` + body until the client shuts its side: the framing
-  of ``lap-pkcs11 client`` (``lap_pkcs11.wire``). The body is decoded by the
+  of ``lap-pkcs11 client`` (``lap_pkcs11.per_signature.wire``). The body is decoded by the
   agent's ``--input`` (raw or base64, as ``sign`` decodes stdin), and the answer
   is ``LAP1 <exit code> <NAME or OK>\\n`` + what ``sign`` would print on stdout
   (by ``--output``) or its one error line.
@@ -19,7 +19,7 @@ A base64 line never starts with ``LAP1 ``: a space is not in its alphabet.
 
 import binascii
 
-from lap_pkcs11 import errors, wire
+from lap_pkcs11.per_signature import errors, wire
 
 # C_Sign is single-part, and SoftHSM2 signs 1 MiB that way; 64 KiB is far above
 # any LAP message (DSSE envelopes are about 2 KB) and bounds memory per request.

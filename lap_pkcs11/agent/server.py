@@ -31,9 +31,9 @@ import struct
 import threading
 import time
 
-from lap_pkcs11 import errors
+from lap_pkcs11.per_signature import errors
 from lap_pkcs11.agent import protocol, systemd
-from lap_pkcs11.agent.session import bind_worker
+from lap_pkcs11.backends.pkcs11_session import bind_worker
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 RECV_BYTES = 65536

@@ -10,7 +10,7 @@ Without systemd both are absent and every function here does nothing.
 import os
 import socket
 
-from lap_pkcs11 import errors
+from lap_pkcs11.per_signature import errors
 
 LISTEN_FDS_START = 3
 

@@ -48,12 +48,15 @@
 #define PROGRAM "lap-pkcs11"
 #define DEFAULT_SOCKET "/run/lap-pkcs11/signer.sock"
 #define DEFAULT_TIMEOUT_MS "2000"
-/* lap_pkcs11.config: time kept back from the caller's deadline, and the least left. */
+/* lap_pkcs11.per_signature.config: time kept back from the caller's deadline,
+   and the least left. */
 #define CALLER_MARGIN_MS 250
 #define MIN_DEADLINE_MS 50
-/* lap_pkcs11.wire: the signer answers TIMEOUT this long before the client gives up. */
+/* lap_pkcs11.per_signature.wire: the signer answers TIMEOUT this long before
+   the client gives up. */
 #define SERVER_MARGIN_MS 150
-/* lap_pkcs11.wire.MAX_BODY: base64 of the agent's 64 KiB message, plus whitespace. */
+/* lap_pkcs11.per_signature.wire.MAX_BODY: base64 of the agent's 64 KiB message,
+   plus whitespace. */
 #define MAX_MESSAGE (64 * 1024)
 #define MAX_BODY (4 * ((MAX_MESSAGE + 2) / 3) + 4096)
 #define MAX_RESPONSE (1 << 16)

@@ -9,9 +9,11 @@ public key.
 import os
 import time
 
-from lap_pkcs11 import config as configuration
-from lap_pkcs11 import ed25519, errors, settings, signer, tool, uri
-from lap_pkcs11.token import Session
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.admin import settings
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import ed25519, errors, signer, uri
+from lap_pkcs11.admin.token_inspection import Session
 
 
 class Check:
@@ -73,7 +75,7 @@ def tool_version(path, env):
     if not os.access(beside, os.X_OK):
         return "version unknown: no opensc-tool beside it"
     try:
-        result = tool.run([beside, "--info"], env, time.monotonic() + 5)
+        result = pkcs11_tool.run([beside, "--info"], env, time.monotonic() + 5)
     except errors.SignerError:
         return "version unknown"
     first = result.stdout.decode("utf-8", "replace").splitlines()[:1]
@@ -92,7 +94,7 @@ def run(flags, environ=None):
         config, config_error = None, err
     tool_name = config.pkcs11_tool if config else (
         flags.get("pkcs11_tool") or environ.get("LAP_PKCS11_TOOL") or "pkcs11-tool")
-    path = tool.find_program(tool_name, environ)
+    path = pkcs11_tool.find_program(tool_name, environ)
     if path is None:
         report.fail("pkcs11-tool found", errors.ToolNotFound(f"{tool_name} not found"),
                     "install OpenSC (apt-get install opensc) or set --pkcs11-tool")
@@ -111,7 +113,7 @@ def run(flags, environ=None):
 
 def client_check(report, config, directory=None):
     """With an agent socket configured: is the gateway's fast client installed, and current?"""
-    from lap_pkcs11 import compiled_client
+    from lap_pkcs11.admin import compiled_client
 
     name = "compiled client installed"
     path, current = compiled_client.state(directory)

@@ -22,7 +22,7 @@ import binascii
 import os
 import time
 
-from lap_pkcs11 import errors
+from lap_pkcs11.per_signature import errors
 
 _PR_SET_DUMPABLE = 4
 _RLIMIT_CORE = 4

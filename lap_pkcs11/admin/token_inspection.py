@@ -1,15 +1,16 @@
 """Token inspection for the administrative commands: objects, keys, slots, mechanisms.
 
-Everything here runs pkcs11-tool through ``lap_pkcs11.tool.run`` (the one place
-that starts it) and parses its listings with pure functions. Not on the
+Everything here runs pkcs11-tool through ``lap_pkcs11.backends.pkcs11_tool.run``
+(the one place that starts it) and parses its listings with pure functions. Not on the
 per-signature path.
 """
 
 import os
 import time
 
-from lap_pkcs11 import errors, signer, tool, uri
-from lap_pkcs11.tool import parse_objects
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import errors, signer, uri
+from lap_pkcs11.backends.pkcs11_tool import parse_objects
 
 # Administrative calls may wait on slow tokens longer than a signature may.
 ADMIN_DEADLINE_SECONDS = 30.0
@@ -18,7 +19,7 @@ ADMIN_DEADLINE_SECONDS = 30.0
 def parse_slots(listing):
     """(slot id as 0x hex, token label) of every initialised token in ``--list-token-slots``."""
     return [(f"0x{token['slot']:x}", token["label"])
-            for token in tool.read_token_listing(listing).tokens]
+            for token in pkcs11_tool.read_token_listing(listing).tokens]
 
 
 def parse_mechanisms(listing):
@@ -34,7 +35,7 @@ class Session:
         self.config = config
         self.environ = dict(os.environ) if environ is None else environ
         self.env = config.child_environment(self.environ)
-        self.tool = tool.require_tool(config, self.env)
+        self.tool = pkcs11_tool.require_tool(config, self.env)
         self.pin_env = None
         self._selected = None
 
@@ -62,28 +63,29 @@ class Session:
     def run(self, argv):
         """Run pkcs11-tool; its output on success, its typed error on failure."""
         deadline = time.monotonic() + ADMIN_DEADLINE_SECONDS
-        result = tool.run(argv, self.env, deadline)
+        result = pkcs11_tool.run(argv, self.env, deadline)
         if result.status != 0:
-            raise tool.classify(result)
+            raise pkcs11_tool.classify(result)
         return result.stdout.decode("utf-8", "replace")
 
     def check_module(self):
-        tool.require_module(self.config)
-        return self.run(tool.module_argv(self.tool, self.config, "--show-info"))
+        pkcs11_tool.require_module(self.config)
+        return self.run(pkcs11_tool.module_argv(self.tool, self.config, "--show-info"))
 
     def tokens(self):
-        return parse_slots(self.run(tool.module_argv(self.tool, self.config, "--list-token-slots")))
+        return parse_slots(self.run(pkcs11_tool.module_argv(self.tool, self.config,
+                                                            "--list-token-slots")))
 
     def token(self):
         """The selected token's slot, label, manufacturer, model and serial (a dict)."""
         config = self.selected
         deadline = time.monotonic() + ADMIN_DEADLINE_SECONDS
-        result = tool.run(tool.token_listing_argv(self.tool, config, selected=True), self.env,
-                          deadline)
+        result = pkcs11_tool.run(pkcs11_tool.token_listing_argv(self.tool, config, selected=True),
+                                 self.env, deadline)
         if result.status != 0:
-            raise tool.classify(result)
-        listing = tool.read_token_listing(result.stdout.decode("utf-8", "replace"),
-                                          result.stderr)
+            raise pkcs11_tool.classify(result)
+        listing = pkcs11_tool.read_token_listing(result.stdout.decode("utf-8", "replace"),
+                                                 result.stderr)
         if config.token_label is not None:
             found = [entry for entry in listing.tokens if entry["label"] == config.token_label]
         else:
@@ -100,11 +102,12 @@ class Session:
 
     def objects(self, kind, login):
         pin_env = self.login() if login else None
-        return parse_objects(self.run(tool.list_objects_argv(self.tool, self.selected, kind,
-                                                             pin_env)))
+        return parse_objects(self.run(pkcs11_tool.list_objects_argv(self.tool, self.selected,
+                                                                    kind, pin_env)))
 
     def mechanisms(self):
-        return parse_mechanisms(self.run(tool.list_mechanisms_argv(self.tool, self.selected)))
+        return parse_mechanisms(self.run(pkcs11_tool.list_mechanisms_argv(self.tool,
+                                                                          self.selected)))
 
     def matches(self, obj):
         return ((self.config.key_id is None or obj.id == self.config.key_id)
@@ -183,7 +186,7 @@ class Session:
         are provably free."""
         listed, strays = [], []
         for kind in ("privkey", "pubkey"):
-            objects, unread = tool.read_listing(self.run(tool.list_objects_argv(
+            objects, unread = pkcs11_tool.read_listing(self.run(pkcs11_tool.list_objects_argv(
                 self.tool, self.selected, kind, self.login())))
             listed += objects
             strays += unread
@@ -196,7 +199,7 @@ class Session:
         if taken:
             raise errors.KeyExists(f"the token already holds a key with id {key_id} or label "
                                    f"{label!r}; nothing was changed; pick a new id and label")
-        self.run(tool.keygen_argv(self.tool, self.selected, self.login(), key_id, label))
+        self.run(pkcs11_tool.keygen_argv(self.tool, self.selected, self.login(), key_id, label))
 
 
 # Every field pkcs11-tool 0.23 to 0.27 prints for a key object.

@@ -18,7 +18,7 @@ This module is on the per-signature path: it imports only what Python has built 
 import os
 import stat
 
-from lap_pkcs11.errors import ConfigInvalid
+from lap_pkcs11.per_signature.errors import ConfigInvalid
 
 _NOBLOCK = os.O_NONBLOCK | os.O_CLOEXEC
 

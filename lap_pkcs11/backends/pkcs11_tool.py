@@ -20,7 +20,7 @@ import os
 import select
 import time
 
-from lap_pkcs11 import errors, process
+from lap_pkcs11.per_signature import errors, process
 
 # What we read back of the tool's stdout and stderr at most.
 OUTPUT_LIMIT = 1 << 16
@@ -197,7 +197,8 @@ class Deadline:
             try:
                 self.watchdog = os.posix_spawn(
                     SHELL, [SHELL, "-c", WATCHDOG, "lap-pkcs11-watchdog", str(micros),
-                            self.nonce, str(os.getpgrp())], _WATCHDOG_ENV, file_actions=actions, setpgroup=0)
+                            self.nonce, str(os.getpgrp())], _WATCHDOG_ENV,
+                    file_actions=actions, setpgroup=0)
             finally:
                 for fd in sources:
                     if fd not in fds:

@@ -1,10 +1,11 @@
 """The administrative commands' view of the configuration, through pydantic-settings.
 
-The settings model is generated from ``lap_pkcs11.options.OPTIONS``, so every
+The settings model is generated from ``lap_pkcs11.per_signature.options.OPTIONS``, so every
 option keeps one definition; pydantic-settings layers the sources (flags, then
-the real environment, then the env file as lap_pkcs11.envfile reads it, then defaults),
+the real environment, then the env file as lap_pkcs11.per_signature.envfile reads
+it, then defaults),
 and the values go through the same parsers and cross-option rules as the lean
-``sign`` path. A test proves that this resolver and ``lap_pkcs11.config.resolve``
+``sign`` path. A test proves that this resolver and ``lap_pkcs11.per_signature.config.resolve``
 agree on every input.
 """
 
@@ -14,9 +15,9 @@ from typing import Optional
 from pydantic import AliasChoices, Field, create_model
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from lap_pkcs11 import config as configuration
-from lap_pkcs11 import envfile
-from lap_pkcs11.options import BY_ATTR, OPTIONS
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.per_signature import envfile
+from lap_pkcs11.per_signature.options import BY_ATTR, OPTIONS
 
 _CONFIG = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="ignore",
                              populate_by_name=True)

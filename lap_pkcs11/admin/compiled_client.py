@@ -28,10 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lap_pkcs11 import errors
+from lap_pkcs11.per_signature import errors
 
 NAME = "lap-pkcs11-client"
-SOURCE = Path(__file__).resolve().parent / "csrc" / f"{NAME}.c"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / f"{NAME}.c"
 # What the issue asks (warnings are errors), and more warnings that careful C passes.
 WARNINGS = ("-std=c11", "-Wall", "-Wextra", "-Werror", "-Wpedantic", "-Wformat=2", "-Wshadow",
             "-Wconversion", "-Wsign-conversion", "-Wvla")
@@ -85,7 +85,7 @@ def usage_of(binary, timeout=10):
 
 
 def expected_usage():
-    from lap_pkcs11.client_cli import USAGE
+    from lap_pkcs11.per_signature.client_command import USAGE
 
     return USAGE.encode()
 

@@ -11,7 +11,7 @@ import base64
 import json
 import re
 
-from lap_pkcs11.errors import ConfigInvalid
+from lap_pkcs11.per_signature.errors import ConfigInvalid
 
 # DER of SubjectPublicKeyInfo { id-Ed25519 (1.3.101.112) } up to the key's 32 bytes.
 SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")

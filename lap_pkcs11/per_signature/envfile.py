@@ -17,8 +17,8 @@ and TAB. A file over 1 MiB is refused, never cut.
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
-from lap_pkcs11.errors import ConfigInvalid
-from lap_pkcs11.files import read_named_file
+from lap_pkcs11.per_signature.errors import ConfigInvalid
+from lap_pkcs11.per_signature.files import read_named_file
 
 MAX_SIZE = 1 << 20
 # Characters that some reader or other takes for a line break or whitespace (Python's

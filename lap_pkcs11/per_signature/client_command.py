@@ -38,10 +38,10 @@ import os
 import struct
 import time
 
-from lap_pkcs11 import errors, process, wire
-from lap_pkcs11.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
-from lap_pkcs11.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.process import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.per_signature import errors, process, wire
+from lap_pkcs11.per_signature.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
+from lap_pkcs11.per_signature.options import BY_ATTR, _seconds_as_ms, _timeout_ms
+from lap_pkcs11.per_signature.process import answer, decode_base64, read_stdin, start, write_stderr
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"
@@ -381,7 +381,7 @@ def check_answer(response, settings, message):
             f"the signer answered OK with {len(body)} bytes that are not one 64-byte signature "
             "as sign prints it (base64 or hex and a newline, or raw); nothing was printed")
     if settings.expect_public_key:
-        from lap_pkcs11 import ed25519  # only with a pinned key: it costs its import
+        from lap_pkcs11.per_signature import ed25519  # only with a pinned key: it costs its import
 
         if not ed25519.is_valid(bytes.fromhex(settings.expect_public_key), message, signature):
             raise errors.KeyMismatch(

@@ -37,10 +37,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PyKCS11 import LowLevel
 
-from lap_pkcs11 import errors
-from lap_pkcs11.options import TOKEN_CONSTRAINTS
-from lap_pkcs11.signer import choose_token
-from lap_pkcs11.tool import TokenListing
+from lap_pkcs11.per_signature import errors
+from lap_pkcs11.per_signature.options import TOKEN_CONSTRAINTS
+from lap_pkcs11.per_signature.signer import choose_token
+from lap_pkcs11.backends.pkcs11_tool import TokenListing
 
 READY, LOST, RECOVERING, GONE, REFUSED, CLOSED = (
     "ready", "lost", "recovering", "gone", "refused", "closed")

@@ -1,10 +1,10 @@
 """The administrative ``lap-pkcs11`` commands (typer).
 
 This is the only module that imports typer, prints for people or exits. Every
-command takes the signer options of ``lap_pkcs11.options`` (generated, so they
-stay the one definition) and resolves them through ``lap_pkcs11.settings``.
+command takes the signer options of ``lap_pkcs11.per_signature.options`` (generated, so they
+stay the one definition) and resolves them through ``lap_pkcs11.admin.settings``.
 ``sign`` is listed here for ``--help`` only: the console script routes it to the
-lean ``lap_pkcs11.sign_cli`` before typer is imported.
+lean ``lap_pkcs11.per_signature.sign_command`` before typer is imported.
 """
 
 import inspect
@@ -16,9 +16,11 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
-from lap_pkcs11 import __version__, errors, keyformats, settings
-from lap_pkcs11.config import CALLER_MARGIN_MS
-from lap_pkcs11.options import OPTIONS
+from lap_pkcs11 import __version__
+from lap_pkcs11.admin import keyformats, settings
+from lap_pkcs11.per_signature import errors
+from lap_pkcs11.per_signature.config import CALLER_MARGIN_MS
+from lap_pkcs11.per_signature.options import OPTIONS
 
 # -h works wherever --help does (the lean commands parse their own).
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -86,7 +88,7 @@ def sign():
 
     Run `lap-pkcs11 sign --help` for its options.
     """
-    from lap_pkcs11.sign_cli import main as sign_main
+    from lap_pkcs11.per_signature.sign_command import main as sign_main
 
     raise typer.Exit(sign_main(sys.argv[2:]))
 
@@ -98,7 +100,7 @@ def client():
 
     Run `lap-pkcs11 client --help` for its options.
     """
-    from lap_pkcs11.client_cli import main as client_main
+    from lap_pkcs11.per_signature.client_command import main as client_main
 
     raise typer.Exit(client_main(sys.argv[2:]))
 
@@ -107,7 +109,7 @@ def client():
              add_help_option=False)
 def serve():
     """Sign one framed request on stdin/stdout (systemd socket activation, Accept=yes)."""
-    from lap_pkcs11.serve_cli import main as serve_main
+    from lap_pkcs11.per_signature.serve_command import main as serve_main
 
     raise typer.Exit(serve_main(sys.argv[2:]))
 
@@ -142,7 +144,7 @@ def show_config(flags, as_json: Annotated[bool, typer.Option("--json", help="Pri
     The last line is the configuration as one PKCS#11 URI (token, key, module-path
     and a chosen pin-source), for --uri or LAP_PKCS11_URI.
     """
-    from lap_pkcs11 import uri
+    from lap_pkcs11.per_signature import uri
 
     try:
         config = settings.load(flags)
@@ -179,7 +181,7 @@ def pubkey(flags,
     EnvironmentFile=; keyset a LAP_GATEWAY_KEYSET_JSON; trusted-keys a verifier's
     trusted_keys.json; uri the key's PKCS#11 URI (token, id, object, type).
     """
-    from lap_pkcs11.token import Session
+    from lap_pkcs11.admin.token_inspection import Session
 
     try:
         config = settings.load(flags)
@@ -216,7 +218,7 @@ def signing_command(config, key, fixed_deadline=False, commands=None):
     import shlex
     from pathlib import Path
 
-    from lap_pkcs11 import compiled_client
+    from lap_pkcs11.admin import compiled_client
 
     commands = Path(commands or compiled_client.commands_dir())
     exe = commands / "lap-pkcs11"
@@ -287,7 +289,7 @@ def install_client(
     without a Python start per signature. Without a working C compiler nothing is
     installed (exit 69): point the gateway at `lap-pkcs11 client` instead.
     """
-    from lap_pkcs11 import compiled_client
+    from lap_pkcs11.admin import compiled_client
 
     try:
         path = compiled_client.install(dest, cc=cc, sanitize=sanitize)
@@ -306,7 +308,7 @@ def keygen(flags,
     Needs both --key-id and --key-label (or a URI's id= and object=); refuses (and
     changes nothing) when either is taken.
     """
-    from lap_pkcs11.token import Session
+    from lap_pkcs11.admin.token_inspection import Session
 
     try:
         config = settings.load(flags, require_key=False)
@@ -326,7 +328,7 @@ def keygen(flags,
 @with_signer_options
 def doctor(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Check everything the signer needs, in order, and sign a test message."""
-    from lap_pkcs11 import doctor as checks
+    from lap_pkcs11.admin import doctor as checks
 
     report = checks.run(flags)
     if as_json:
@@ -367,7 +369,7 @@ def keys(flags, as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     Needs the module, a token selector (or the first token) and the PIN, as private
     keys are listed logged in; no key selector.
     """
-    from lap_pkcs11.token import Session
+    from lap_pkcs11.admin.token_inspection import Session
 
     try:
         config = settings.load(flags, require_key=False)
@@ -405,7 +407,7 @@ def install_units(
     and the agent (lap-pkcs11-agent.socket, .service); then systemctl daemon-reload
     and enable the socket you use (systemd/README.md).
     """
-    from lap_pkcs11 import packaged
+    from lap_pkcs11.admin import packaged
 
     try:
         written = packaged.install_units(prefix, force=force)
@@ -421,7 +423,7 @@ def install_units(
 @app.command("files")
 def packaged_files():
     """Print where the shell mirror, the smoke test and the systemd units are installed."""
-    from lap_pkcs11 import packaged
+    from lap_pkcs11.admin import packaged
 
     for name, path in packaged.files():
         typer.echo(f"{name}\t{path}")

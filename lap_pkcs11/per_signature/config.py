@@ -2,7 +2,7 @@
 
 This is the stdlib resolver used by the per-signature ``sign`` command; the
 administrative commands resolve the same ``OPTIONS`` through pydantic-settings
-(``lap_pkcs11.settings``), and a test checks that both agree.
+(``lap_pkcs11.admin.settings``), and a test checks that both agree.
 
 Precedence, per option: command-line flag, then the real environment (each of
 the option's variables in order), then the env file (same variables, same
@@ -13,8 +13,8 @@ same option set any other way to another value is an error, never a silent choic
 This module is on the per-signature path: it imports only what Python has built in.
 """
 
-from lap_pkcs11.errors import ConfigInvalid
-from lap_pkcs11.options import BY_ATTR, OPTIONS, TOKEN_CONSTRAINTS
+from lap_pkcs11.per_signature.errors import ConfigInvalid
+from lap_pkcs11.per_signature.options import BY_ATTR, OPTIONS, TOKEN_CONSTRAINTS
 
 # Variables that make OpenSC or its spy module log PIN-bearing traffic: they never
 # reach pkcs11-tool, whatever the gateway's environment holds.
@@ -65,7 +65,7 @@ class Config:
 def _describe(option, source):
     """How to name an option in an error: its flag, or the variable or URI attribute that set it."""
     if source.startswith("uri:"):
-        from lap_pkcs11.uri import ATTRIBUTE_OF
+        from lap_pkcs11.per_signature.uri import ATTRIBUTE_OF
 
         return f"the URI's {ATTRIBUTE_OF[option.attr]}= ({_describe(BY_ATTR['uri'], source[4:])})"
     if ":" not in source:
@@ -100,7 +100,8 @@ def raw_layers(flags, environ):
     path = env_file_path(flags.get("env_file"), environ)
     file_env = {}
     if path is not None:
-        from lap_pkcs11 import envfile  # only when there is a file: sign runs per signature
+        # Only when there is a file: sign runs per signature.
+        from lap_pkcs11.per_signature import envfile
 
         file_env = envfile.load(path)
     raw = {}
@@ -144,7 +145,7 @@ def apply_uri(raw):
     text, source = raw["uri"]
     if text is None:
         return
-    from lap_pkcs11 import uri
+    from lap_pkcs11.per_signature import uri
 
     try:
         filled = uri.options(text)

@@ -15,11 +15,11 @@ the socket's MaxConnections. The process is hardened as sign's is.
 
 import os
 
-from lap_pkcs11 import config as configuration
-from lap_pkcs11 import errors, process, wire
-from lap_pkcs11.options import BY_ATTR
-from lap_pkcs11.sign_cli import parse_args, run
-from lap_pkcs11.process import start, write_stderr, write_stdout
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.per_signature import errors, process, wire
+from lap_pkcs11.per_signature.options import BY_ATTR
+from lap_pkcs11.per_signature.sign_command import parse_args, run
+from lap_pkcs11.per_signature.process import start, write_stderr, write_stdout
 
 # What serve reads after answering early (e.g. a bad configuration, before the
 # payload was read), so that closing does not reset the client's connection

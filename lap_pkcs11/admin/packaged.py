@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from lap_pkcs11.errors import ConfigInvalid
+from lap_pkcs11.per_signature.errors import ConfigInvalid
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # lap_pkcs11/
 SHELL = ("pkcs11_signer.sh", "smoke.sh")
 UNITS = ("lap-pkcs11-signer.socket", "lap-pkcs11-signer@.service",
          "lap-pkcs11-agent.socket", "lap-pkcs11-agent.service")

@@ -10,13 +10,13 @@ new process, and those imports alone cost many times a signature).
 import binascii
 import os
 
-from lap_pkcs11 import config as configuration
-from lap_pkcs11 import errors, process
-from lap_pkcs11.config import check_gateway_input
-from lap_pkcs11.options import BY_FLAG, OPTIONS
-from lap_pkcs11.signer import MAX_MESSAGE, check_message, sign
-from lap_pkcs11.process import answer, decode_base64, read_stdin, start, write_stderr
-from lap_pkcs11.tool import Deadline, reap_released
+from lap_pkcs11.per_signature import config as configuration
+from lap_pkcs11.per_signature import errors, process
+from lap_pkcs11.per_signature.config import check_gateway_input
+from lap_pkcs11.per_signature.options import BY_FLAG, OPTIONS
+from lap_pkcs11.per_signature.signer import MAX_MESSAGE, check_message, sign
+from lap_pkcs11.per_signature.process import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.backends.pkcs11_tool import Deadline, reap_released
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
 # beyond this is refused unread, so a huge stdin costs neither time nor memory.

@@ -12,7 +12,8 @@ import fcntl
 import os
 import time
 
-from lap_pkcs11 import errors, files, process, tool
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import errors, files, process
 
 # pkcs11-tool reads at most 1025 bytes with one read() and falls back to
 # multi-part signing beyond 1024, which EdDSA tokens refuse.
@@ -49,7 +50,8 @@ def read_pin(config, env):
         first = data.split(b"\n", 1)[0].rstrip(b"\r")
         # Bytes that are not UTF-8 still reach pkcs11-tool unchanged (PINs are bytes).
         if not first:
-            raise errors.PinMissing(f"PIN file {config.pin_file} is empty; write the user PIN in it")
+            raise errors.PinMissing(f"PIN file {config.pin_file} is empty; write the user PIN "
+                                    "in it")
         env[name] = first.decode("utf-8", "surrogateescape")
         return name
     if name not in env:
@@ -174,14 +176,14 @@ def forget_rejected_pin(config, env):
     """Clear the PIN guard's marker (after a login that the token accepted)."""
     folder = state_dir(config, env)
     if folder is not None:
-        PinGuard(folder, lock_name(tool.require_module(config), env)).forget()
+        PinGuard(folder, lock_name(pkcs11_tool.require_module(config), env)).forget()
 
 
 def acquire_lock(path, deadline):
     """Open and flock ``path`` (ours alone, never through a symlink) while a tool run still fits."""
     fd = files.open_private(path, os.O_RDWR | os.O_CREAT)
     # Waiting stops where a pkcs11-tool run would no longer fit before the deadline.
-    give_up = deadline.end - tool.MIN_TOOL_MS / 1000
+    give_up = deadline.end - pkcs11_tool.MIN_TOOL_MS / 1000
     try:
         while True:
             try:
@@ -198,20 +200,20 @@ def acquire_lock(path, deadline):
 
 
 def _constraints(config):
-    from lap_pkcs11.options import TOKEN_CONSTRAINTS
+    from lap_pkcs11.per_signature.options import TOKEN_CONSTRAINTS
 
     return {attr: getattr(config, attr) for attr in TOKEN_CONSTRAINTS
             if getattr(config, attr) is not None}
 
 
 def _wanted(pairs):
-    from lap_pkcs11.uri import ATTRIBUTE_OF
+    from lap_pkcs11.per_signature.uri import ATTRIBUTE_OF
 
     return ", ".join(f"{ATTRIBUTE_OF[attr]}={value}" for attr, value in pairs.items())
 
 
 def choose_token(config, listing):
-    """The slot id of the one token of ``listing`` (a tool.TokenListing) that matches
+    """The slot id of the one token of ``listing`` (a pkcs11_tool.TokenListing) that matches
     every token attribute ``config`` gives (label, slot id, serial, manufacturer, model)
     on a module whose information matches the library attributes; else TOKEN_NOT_FOUND."""
     wanted = _constraints(config)
@@ -248,13 +250,13 @@ def resolve_token(config, tool_path, env, deadline):
     (one pkcs11-tool run: pkcs11-tool itself selects only by label, slot or index)."""
     if not _constraints(config):
         return config
-    from lap_pkcs11.config import Config
-    from lap_pkcs11.options import TOKEN_CONSTRAINTS
+    from lap_pkcs11.per_signature.config import Config
+    from lap_pkcs11.per_signature.options import TOKEN_CONSTRAINTS
 
-    result = tool.run(tool.token_listing_argv(tool_path, config), env, deadline)
+    result = pkcs11_tool.run(pkcs11_tool.token_listing_argv(tool_path, config), env, deadline)
     if result.status != 0:
-        raise tool.classify(result)
-    slot = choose_token(config, tool.read_token_listing(
+        raise pkcs11_tool.classify(result)
+    slot = choose_token(config, pkcs11_tool.read_token_listing(
         result.stdout.decode("utf-8", "replace"), result.stderr))
     values = dict(config.values(), slot=slot, token_label=None, slot_index=None,
                   **{attr: None for attr in TOKEN_CONSTRAINTS})
@@ -266,10 +268,11 @@ def resolve_key_id(config, tool_path, env, pin_env, deadline):
     or, given both, the id after checking that the one key with it carries the label."""
     if config.key_label is None:
         return config.key_id
-    result = tool.run(tool.list_objects_argv(tool_path, config, "privkey", pin_env), env, deadline)
+    result = pkcs11_tool.run(pkcs11_tool.list_objects_argv(tool_path, config, "privkey", pin_env),
+                             env, deadline)
     if result.status != 0:
-        raise tool.classify(result)
-    keys = [key for key in tool.parse_objects(result.stdout.decode("utf-8", "replace"))
+        raise pkcs11_tool.classify(result)
+    keys = [key for key in pkcs11_tool.parse_objects(result.stdout.decode("utf-8", "replace"))
             if key.kind == "private key"]
     if config.key_id is not None:
         # pkcs11-tool signs with the first key of that id: it must be the one, and labelled so.
@@ -306,10 +309,11 @@ def _sign_locked(config, message, env, pin_env, tool_path, deadline, guard):
     try:
         config = resolve_token(config, tool_path, env, deadline)
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
-        result = tool.run(tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"),
-                          env, deadline, stdin_data=message)
+        result = pkcs11_tool.run(
+            pkcs11_tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"), env,
+            deadline, stdin_data=message)
         if result.status != 0:
-            raise tool.classify(result)
+            raise pkcs11_tool.classify(result)
     except errors.PinIncorrect:
         if guard is not None:
             guard.remember(pin)
@@ -322,10 +326,10 @@ def _sign_locked(config, message, env, pin_env, tool_path, deadline, guard):
 def sign(config, message, environ, deadline):
     """The 64-byte Ed25519 signature of ``message``, or a SignerError.
 
-    ``deadline`` is a ``tool.Deadline`` (or monotonic seconds).
+    ``deadline`` is a ``pkcs11_tool.Deadline`` (or monotonic seconds).
     """
-    if not isinstance(deadline, tool.Deadline):
-        deadline = tool.Deadline(deadline)
+    if not isinstance(deadline, pkcs11_tool.Deadline):
+        deadline = pkcs11_tool.Deadline(deadline)
         try:
             return sign(config, message, environ, deadline)
         finally:
@@ -333,8 +337,8 @@ def sign(config, message, environ, deadline):
     check_message(message)
     env = config.child_environment(environ)
     pin_env = read_pin(config, env)
-    module = tool.require_module(config)
-    tool_path = tool.require_tool(config, env)
+    module = pkcs11_tool.require_module(config)
+    tool_path = pkcs11_tool.require_tool(config, env)
     folder = state_dir(config, env)
     if folder is None:
         signature = _sign_locked(config, message, env, pin_env, tool_path, deadline, None)
@@ -352,7 +356,7 @@ def sign(config, message, environ, deadline):
         raise errors.SigningFailed(f"pkcs11-tool printed {len(signature)} bytes, not a "
                                    "64-byte Ed25519 signature; check --mechanism and the key")
     if config.expect_public_key is not None:
-        from lap_pkcs11 import ed25519
+        from lap_pkcs11.per_signature import ed25519
 
         if not ed25519.is_valid(bytes.fromhex(config.expect_public_key), message, signature):
             raise errors.KeyMismatch(
