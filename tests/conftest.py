@@ -210,7 +210,31 @@ def python_signer():
     return Signer("python", [str(exe), "sign"])
 
 
-IMPLEMENTATIONS = {"python": python_signer}
+# The standard library's private modules the per-signature path uses for speed
+# (lap_pkcs11/per_signature/process.py says which and why), and a start-up that refuses
+# each of them to lap_pkcs11's own imports only (the public modules still load theirs),
+# then runs the installed lap-pkcs11 command: every fallback to a public module runs.
+PRIVATE_MODULES = ("_signal", "_socket", "_ctypes", "_sha512")
+PUBLIC_MODULES_ONLY = f"""
+import builtins, sys
+real_import = builtins.__import__
+def only_public(name, globals=None, locals=None, fromlist=(), level=0):
+    if name in {PRIVATE_MODULES!r} and (globals or {{}}).get("__name__", "").startswith("lap_pkcs11"):
+        raise ImportError(f"{{name}} is refused, to test the fallback to the public module")
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = only_public
+sys.argv = sys.argv[1:]
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"), {{"__name__": "__main__"}})
+"""
+
+
+def public_modules_signer():
+    exe = Path(sys.executable).parent / "lap-pkcs11"
+    return Signer("python-public", [sys.executable, "-I", "-c", PUBLIC_MODULES_ONLY, str(exe),
+                                    "sign"])
+
+
+IMPLEMENTATIONS = {"python": python_signer, "python-public": public_modules_signer}
 if SHELL_SIGNER.exists():
     IMPLEMENTATIONS["shell"] = lambda: Signer("shell", ["bash", str(SHELL_SIGNER)])
 

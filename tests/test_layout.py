@@ -119,3 +119,30 @@ def test_the_dispatcher_imports_only_the_standard_library_before_it_dispatches()
                        or name.startswith("lap_pkcs11.per_signature."))]
     assert strays == []
     assert "lap_pkcs11.per_signature.sign_command" in loaded
+
+
+REPORT = """
+from lap_pkcs11.per_signature import ed25519, process
+prctl, _ = process._libc_functions()
+print(process._signal_module().__name__, process.socket_module().__name__,
+      ed25519.sha512.__module__, type(prctl).__module__)
+"""
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_private_modules_and_their_fallbacks(tmp_path, refused):
+    """The per-signature path uses the private C modules (_signal, _socket, _sha512,
+    _ctypes' core); with them refused, as the "python-public" signer runs every sign test,
+    each helper falls back to the public module and still works."""
+    from conftest import PUBLIC_MODULES_ONLY
+
+    script = tmp_path / "report.py"
+    script.write_text(REPORT)
+    argv = ([sys.executable, "-I", "-c", PUBLIC_MODULES_ONLY, str(script)] if refused
+            else [sys.executable, "-I", str(script)])
+    used = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    if refused:
+        assert used[:2] == ["signal", "socket"] and used[2] != "_sha512"
+        assert used[3] == "ctypes"
+    else:
+        assert used == ["_signal", "_socket", "_sha512", "lap_pkcs11.per_signature.process"]

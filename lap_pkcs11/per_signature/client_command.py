@@ -32,7 +32,6 @@ gateway's SIGNER_TIMEOUT_SECONDS or LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS less
 On the per-signature path: it imports only modules built into Python.
 """
 
-import _socket
 import binascii
 import os
 import struct
@@ -42,6 +41,8 @@ from lap_pkcs11.per_signature import errors, process, wire
 from lap_pkcs11.per_signature.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
 from lap_pkcs11.per_signature.options import BY_ATTR, _seconds_as_ms, _timeout_ms
 from lap_pkcs11.per_signature.process import answer, decode_base64, read_stdin, start, write_stderr
+
+_socket = process.socket_module()
 
 DEFAULT_SOCKET = "/run/lap-pkcs11/signer.sock"
 DEFAULT_TIMEOUT_MS = "2000"

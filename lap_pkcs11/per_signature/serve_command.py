@@ -103,8 +103,7 @@ class Reply:
 def end_of_answer():
     """Shut the connection's sending side: the client reads the answer to its end now,
     not when this process exits (after a pkcs11-tool's grace, or draining)."""
-    import _socket
-
+    _socket = process.socket_module()
     duplicate = os.dup(1)
     try:
         connection = _socket.socket(fileno=duplicate)
