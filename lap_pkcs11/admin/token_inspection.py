@@ -113,39 +113,25 @@ class Session:
         return ((self.config.key_id is None or obj.id == self.config.key_id)
                 and (self.config.key_label is None or obj.label == self.config.key_label))
 
-    def selection(self):
-        parts = []
-        if self.config.key_id is not None:
-            parts.append(f"id {self.config.key_id}")
-        if self.config.key_label is not None:
-            parts.append(f"label {self.config.key_label!r}")
-        return " and ".join(parts)
-
     def private_key(self):
-        keys = [obj for obj in self.objects("privkey", login=True) if self.matches(obj)]
-        if not keys:
-            raise errors.KeyNotFound(f"no private key with {self.selection()} on the token; "
-                                     "check --key-id or --key-label")
-        if len(keys) > 1:
-            raise errors.KeyNotFound(f"{len(keys)} private keys have {self.selection()}; "
-                                     "give each key its own id and label")
-        return keys[0]
+        return signer.one_key([obj for obj in self.objects("privkey", login=True)
+                               if self.matches(obj)], self.config)
 
     def _public_objects(self):
         found = [obj for obj in self.objects("pubkey", login=False) if self.matches(obj)]
         if not found and self.has_pin():
             found = [obj for obj in self.objects("pubkey", login=True) if self.matches(obj)]
         if not found:
-            raise errors.KeyNotFound(f"no public key with {self.selection()} on the token; "
-                                     "check --key-id or --key-label")
+            signer.one_key(found, self.config, "public key")  # KEY_NOT_FOUND
         return found
 
     def key_uri(self):
         """The selected key's PKCS#11 URI: its token's label, its id and label, type=private."""
         named = {(obj.id, obj.label) for obj in self._public_objects()}
         if len(named) > 1 or None in {key_id for key_id, _ in named}:
-            raise errors.KeyNotFound(f"the keys with {self.selection()} do not share one id and "
-                                     "label, so no URI names one of them; select it by id")
+            raise errors.KeyNotFound(f"the keys with {self.config.key_selection()} do not share "
+                                     "one id and label, so no URI names one of them; select it "
+                                     "by id")
         key_id, label = named.pop()
         return uri.key_uri(self.token()["label"], key_id, label)
 
@@ -177,8 +163,8 @@ class Session:
         found = self._public_objects()
         keys = {obj.public_key() for obj in found}
         if len(keys) > 1:
-            raise errors.KeyNotFound(f"several different public keys have {self.selection()}; "
-                                     "give each key its own id")
+            raise errors.KeyNotFound("several different public keys have "
+                                     f"{self.config.key_selection()}; give each key its own id")
         return keys.pop()
 
     def generate(self, key_id, label):

@@ -17,9 +17,7 @@ Three kinds of request share one socket, told apart by their first bytes:
 A base64 line never starts with ``LAP1 ``: a space is not in its alphabet.
 """
 
-import binascii
-
-from lap_pkcs11.per_signature import errors, wire
+from lap_pkcs11.per_signature import errors, process, wire
 
 # C_Sign is single-part, and SoftHSM2 signs 1 MiB that way; 64 KiB is far above
 # any LAP message (DSSE envelopes are about 2 KB) and bounds memory per request.
@@ -30,7 +28,6 @@ MAX_BASE64 = 4 * ((MAX_MESSAGE + 2) // 3)
 READ_LIMIT = wire.MAX_BODY
 FRAMED = wire.MAGIC + b" "
 METRICS = b"metrics"
-_WHITESPACE = b" \t\r\n\v\f"
 
 SIGN_FRAMED, SIGN_LINE, STATUS = "lap1", "line", "metrics"
 
@@ -121,25 +118,8 @@ def decode(body, encoding):
     if len(body) > READ_LIMIT:
         raise errors.MessageTooLarge(f"the base64 input is over {READ_LIMIT} bytes; the agent "
                                      f"signs messages of at most {MAX_MESSAGE} bytes")
-    text = body.strip(_WHITESPACE)
-    try:
-        message = binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error:
-        message = None
-    # Canonical only: unused bits must be zero, as every encoder writes them.
-    if message is None or binascii.b2a_base64(message, newline=False) != text:
-        raise errors.InputInvalid("the input is not strict base64 (standard alphabet, padded); "
-                                  "send base64(message) and a newline")
-    return check_size(message)
-
-
-def encode(signature, encoding):
-    """The signature as ``sign`` prints it: base64 or hex with a newline, or raw."""
-    if encoding == "base64":
-        return binascii.b2a_base64(signature)
-    if encoding == "hex":
-        return signature.hex().encode() + b"\n"
-    return signature
+    return check_size(process.decode_base64(body, "the input",
+                                            "send base64(message) and a newline"))
 
 
 def framed_answer(error=None, payload=b""):

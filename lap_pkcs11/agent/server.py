@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 
-from lap_pkcs11.per_signature import errors
+from lap_pkcs11.per_signature import errors, process
 from lap_pkcs11.agent import protocol, systemd
 from lap_pkcs11.backends.pkcs11_session import bind_worker
 
@@ -421,9 +421,9 @@ class Agent:
         if not conn.claim():
             return
         if conn.kind == protocol.SIGN_LINE:
-            payload = protocol.encode(signature, "base64") if error is None else b""
+            payload = process.encode_signature(signature, "base64") if error is None else b""
         elif conn.kind == protocol.SIGN_FRAMED and error is None:
-            payload = protocol.encode(signature, self.config.output)
+            payload = process.encode_signature(signature, self.config.output)
         if conn.kind != protocol.SIGN_LINE:
             payload = protocol.framed_answer(error, payload)
         sent = self._send(conn, payload) if payload else True

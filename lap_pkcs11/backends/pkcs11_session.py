@@ -39,7 +39,7 @@ from PyKCS11 import LowLevel
 
 from lap_pkcs11.per_signature import errors
 from lap_pkcs11.per_signature.options import TOKEN_CONSTRAINTS
-from lap_pkcs11.per_signature.signer import choose_token
+from lap_pkcs11.per_signature.signer import choose_token, one_key
 from lap_pkcs11.backends.pkcs11_tool import TokenListing
 
 READY, LOST, RECOVERING, GONE, REFUSED, CLOSED = (
@@ -237,14 +237,6 @@ class TokenSession:
                 raise cls(advice) from None
             raise self._classify(err, "logging in") from None
 
-    def _selection(self):
-        parts = []
-        if self.config.key_id is not None:
-            parts.append(f"id {self.config.key_id}")
-        if self.config.key_label is not None:
-            parts.append(f"label {self.config.key_label!r}")
-        return " and ".join(parts)
-
     def _find_key(self, session):
         """The one private key with the configured id and/or label, and its CKA_ID."""
         template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)]
@@ -259,13 +251,7 @@ class TokenSession:
                                                          allAsBinary=True)[0]).hex()
         except PyKCS11.PyKCS11Error as err:
             raise self._classify(err, "finding the key") from None
-        if not keys:
-            raise errors.KeyNotFound(f"no private key with {self._selection()} on the token; "
-                                     "check --key-id or --key-label (lap-pkcs11 doctor)")
-        if len(keys) > 1:
-            raise errors.KeyNotFound(f"{len(keys)} private keys have {self._selection()}; give "
-                                     "each key its own id and label")
-        return keys[0], key_id
+        return one_key(keys, self.config), key_id
 
     def _read_public_key(self, session, key_id):
         """The key's 32 public bytes from its public key object (pinned at start)."""
@@ -305,7 +291,7 @@ class TokenSession:
             raise errors.KeyMismatch(
                 f"{what} does not verify under the pinned public key "
                 f"{self.pinned_key.hex()}; the token holds another key under "
-                f"{self._selection()} (re-initialised or swapped?)") from None
+                f"{self.config.key_selection()} (re-initialised or swapped?)") from None
 
     def _classify(self, err, doing):
         value = err.value

@@ -39,6 +39,15 @@ class Config:
         """The option values as a plain dict, in OPTIONS order."""
         return {option.attr: getattr(self, option.attr) for option in OPTIONS}
 
+    def key_selection(self):
+        """How the key is selected, as error lines say it: "id 01 and label 'k'"."""
+        parts = []
+        if self.key_id is not None:
+            parts.append(f"id {self.key_id}")
+        if self.key_label is not None:
+            parts.append(f"label {self.key_label!r}")
+        return " and ".join(parts)
+
     def deadline_ms(self):
         """The effective deadline: our own, capped by the caller's less a margin."""
         deadline = self.timeout_ms

@@ -7,7 +7,6 @@ error's. It deliberately imports neither typer nor pydantic (each signature is a
 new process, and those imports alone cost many times a signature).
 """
 
-import binascii
 import os
 
 from lap_pkcs11.per_signature import config as configuration
@@ -15,7 +14,8 @@ from lap_pkcs11.per_signature import errors, process
 from lap_pkcs11.per_signature.config import check_gateway_input
 from lap_pkcs11.per_signature.options import BY_FLAG, OPTIONS
 from lap_pkcs11.per_signature.signer import MAX_MESSAGE, check_message, sign
-from lap_pkcs11.per_signature.process import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.per_signature.process import (answer, decode_base64, encode_signature, read_stdin,
+                                              start, write_stderr)
 from lap_pkcs11.backends.pkcs11_tool import Deadline, reap_released
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
@@ -85,14 +85,6 @@ def read_message(encoding, read):
     return decode_base64(data)
 
 
-def encode(signature, encoding):
-    if encoding == "base64":
-        return binascii.b2a_base64(signature)
-    if encoding == "hex":
-        return signature.hex().encode() + b"\n"
-    return signature
-
-
 class Announcer:
     """Writes a failure line at once (the deadline passed while pkcs11-tool finishes
     its grace), so that the caller is answered in time and the line is written once."""
@@ -147,7 +139,7 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
             signature = sign(config, message, environ, deadline)
         finally:
             deadline.release(reap)
-        return 0, encode(signature, config.output), ""
+        return 0, encode_signature(signature, config.output), ""
     except errors.SignerError as err:
         return err.exit_code, b"", "" if announce.done else err.line() + "\n"
     except Exception as err:  # A bug must still fail closed, in one line.

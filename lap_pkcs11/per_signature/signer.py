@@ -263,6 +263,18 @@ def resolve_token(config, tool_path, env, deadline):
     return Config(values, config.sources, config.env_file, config.file_env)
 
 
+def one_key(found, config, kind="private key"):
+    """The one key in ``found`` (what the key selection of ``config`` matched on the
+    token: the agent's and the operator commands' rule), else KEY_NOT_FOUND."""
+    if not found:
+        raise errors.KeyNotFound(f"no {kind} with {config.key_selection()} on the token; "
+                                 "check --key-id or --key-label (lap-pkcs11 keys)")
+    if len(found) > 1:
+        raise errors.KeyNotFound(f"{len(found)} {kind}s have {config.key_selection()}; give "
+                                 "each key its own id and label")
+    return found[0]
+
+
 def resolve_key_id(config, tool_path, env, pin_env, deadline):
     """The CKA_ID to sign with: the configured id, the id of the one key with the label,
     or, given both, the id after checking that the one key with it carries the label."""
