@@ -11,6 +11,7 @@ import itertools
 import subprocess
 
 from conftest import SHELL_SIGNER
+from test_listings import RECORDED
 from lap_pkcs11 import __version__
 from lap_pkcs11.backends import pkcs11_tool as tool
 from lap_pkcs11.per_signature import (config, envfile, errors, options, process, sign_command,
@@ -90,10 +91,12 @@ def test_every_table_of_the_mirror_is_pythons():
     assert tables["URI_REFUSED"] == uri._REFUSED
 
 
-def shell_classifications(texts):
-    """The mirror's classify on each stderr text: [(NAME, advice)], run by its own code."""
+def shell_classifications(texts, status=1):
+    """The mirror's classify on each stderr text (of a tool that exited ``status``):
+    [(NAME, advice)], run by its own code."""
     script = ('fail() { printf "%s\\t%s\\n" "$1" "$2"; exit 0; }; remember_rejected_pin() { :; }\n'
-              'while IFS= read -r ERR_TEXT; do ERR_TEXT=${ERR_TEXT//\\\\n/$\'\\n\'} STATUS=1\n'
+              'while IFS= read -r ERR_TEXT; do ERR_TEXT=${ERR_TEXT//\\\\n/$\'\\n\'} '
+              f'STATUS={status}\n'
               '  (classify) 2>/dev/null || printf "none\\t\\n"; done')
     out = shell(script, "".join(text.replace("\n", "\\n") + "\n" for text in texts))
     return [tuple(line.split("\t")) for line in out.splitlines()]
@@ -105,6 +108,18 @@ def test_the_mirror_classifies_every_phrase_as_python_does():
     needles = [needle for needle, _, _ in tool._CLASSES]
     texts = [f"error: {needle}\nAborting." for needle in needles]
     texts += [f"{first}\n{second}" for first, second in itertools.permutations(needles, 2)]
+    expected = []
+    for text in texts:
+        error = tool.classify(tool.Result(1, b"", text))
+        expected.append((error.name, error.message))
+    assert shell_classifications(texts) == expected
+
+
+def test_the_mirror_classifies_recorded_stderr_as_python_does():
+    """Real pkcs11-tool stderr of every recorded failure (tests/data/stderr, OpenSC 0.23 to
+    0.27.1), the generic ones with the tool's last line too: the same name and line."""
+    assert {status for _, _, status, _ in RECORDED} == {1}
+    texts = [stderr.replace("\\", "/") for _, _, _, stderr in RECORDED]
     expected = []
     for text in texts:
         error = tool.classify(tool.Result(1, b"", text))
