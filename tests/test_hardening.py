@@ -962,3 +962,19 @@ def test_a_killed_signers_tool_keeps_the_token_locked(keyed):
     second.wait(timeout=30)
     events = [line.split()[0] for line in order.read_text().splitlines()]
     assert events[:3] == ["start", "finish", "start"], order.read_text()
+
+
+def test_an_inherited_ignored_sigchld_changes_nothing(signer, keyed):
+    """The caller left SIGCHLD ignored (the kernel then reaps children unasked, and no
+    exit status can be read): the signature is made and verifies. Before: the Python
+    signer failed with an internal error (ChildProcessError)."""
+    token, public = keyed
+
+    def ignore_sigchld():
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+    result = subprocess.run([*signer.argv, *token.args()], input=MESSAGE, env=token.env,
+                            cwd=token.home, capture_output=True, timeout=60,
+                            preexec_fn=ignore_sigchld)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))

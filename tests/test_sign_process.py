@@ -3,6 +3,7 @@
 import base64
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -122,7 +123,8 @@ def test_pin_never_in_argv_and_no_terminal(signer, keyed, tmp_path):
     message_file = tmp_path / "message"
     message_file.write_bytes(MESSAGE)
     out = tmp_path / "out"
-    command = " ".join([*signer.argv, *args, "<", str(message_file), ">", str(out)])
+    command = " ".join([shlex.join([*signer.argv, *args]), "<", shlex.quote(str(message_file)),
+                        ">", shlex.quote(str(out))])
     subprocess.run(["script", "-qec", command, "/dev/null"], env=env, cwd=token.home,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True, timeout=60)
     verify(public, MESSAGE, gateway_decode(out.read_bytes()))
@@ -366,6 +368,108 @@ def test_a_tool_started_after_the_time_is_killed_too():
         deadline.release()
 
 
+def test_told_lines_never_name_init_the_signer_itself_or_the_signers_group():
+    """The watchdog's own rule, run alone: a line naming pid 1 (whose group would be
+    every process), the signer ($PPID), the watchdog ($$) or the signer's group ($3) is
+    not taken; a line naming another process is. (Pid 1 is checked only here: a watchdog
+    that took it would kill every process it may.)"""
+    from lap_pkcs11.backends import pkcs11_tool
+
+    told = pkcs11_tool.WATCHDOG.split("\n}\n", 1)[0] + "\n}\n"
+    assert told.startswith("told() {")
+    script = (told + 'tools=()\nfor pid in 1 "$PPID" $$ "$3" 4242; do told n n "$pid" 7 "$3"; '
+              'done\nprintf "%s\\n" "${tools[@]}"')
+    result = subprocess.run(["bash", "-c", script, "watchdog", "1", "n", "777"],
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "4242:7\n"), result
+
+
+def test_told_lines_never_name_the_signer_or_its_group():
+    """Lines with the nonce that name the signer or the signer's process group (whose
+    leader's start time they give): the watchdog takes neither, so its kill never
+    reaches the signer's group (the signer here: a Python process whose group leader is
+    a bash, in a session of their own, both still running after the kill time). Before:
+    the group died."""
+    script = """
+import os, sys, time
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import process
+deadline = pkcs11_tool.Deadline(time.monotonic() + 0.05 - pkcs11_tool.GRACE_MS / 1000)
+deadline.watch()
+for pid in (os.getpid(), os.getpgrp()):
+    os.write(deadline.watch_fd,
+             f"{deadline.nonce} {pid} {process.start_ticks(pid).decode()}\\n".encode())
+time.sleep(0.5)
+print("alive", deadline.watching())
+deadline.release()
+"""
+    result = subprocess.run(["bash", "-c", '"$0" -c "$1" & wait $!', sys.executable, script],
+                            capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert (result.returncode, result.stdout) == (0, "alive True\n"), result
+
+
+def test_a_partial_line_from_a_tool_does_not_hide_the_next_tool():
+    """A tool wrote a line without its end into the pipe; the next tool, told after it, is
+    still known by its tell (it holds no pipe here) and dies at the kill time."""
+    from lap_pkcs11.backends import pkcs11_tool
+
+    deadline = pkcs11_tool.Deadline(time.monotonic() + 0.3 - pkcs11_tool.GRACE_MS / 1000)
+    deadline.watch()
+    os.write(deadline.watch_fd, b"garbage without its newline")
+    tool_pid = start_tool(["sleep", "60"])
+    deadline.tell(tool_pid)
+    try:
+        assert reap(tool_pid) == -signal.SIGKILL
+    finally:
+        finish([tool_pid])
+        deadline.release()
+
+
+def test_a_helper_that_left_the_tools_session_dies_with_sign(keyed):
+    """FAKE tool that starts a helper with setsid (out of its process group; it keeps the
+    watchdog's pipe and the token lock) and signs: the helper is gone when sign returns.
+    Before: it lived on, holding the lock, and the next signature timed out."""
+    token, _ = keyed
+    record = token.home / "record"
+    env, args = fake(token, "escape", record)
+    result = subprocess.run([str(Path(sys.executable).parent / "lap-pkcs11"), "sign", *args],
+                            input=MESSAGE, env=env, cwd=token.home, capture_output=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    helper = int(recorded(record, "escaped")[0])
+    try:
+        assert wait_for(lambda: not alive(helper), 2), "the escaped helper outlived sign"
+    finally:
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_a_helper_that_closed_the_pipe_dies_when_its_tool_ends_after_the_signer(keyed):
+    """FAKE tool with a helper in its group that closed the watchdog's pipe; the signer is
+    SIGKILLed, then the tool exits: the watchdog, seeing every writer gone and no told
+    tool running, kills what is left of the tool's group. Before: the helper lived on."""
+    token, _ = keyed
+    record, go = token.home / "record", token.home / "go"
+    env, args = fake(token, "orphan-helper", record)
+    env["FAKE_GO"] = str(go)
+    signer = subprocess.Popen([str(Path(sys.executable).parent / "lap-pkcs11"), "sign", *args,
+                               "--timeout-ms", "20000"], env=env, cwd=token.home,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    signer.stdin.write(MESSAGE)
+    signer.stdin.close()
+    assert wait_for(lambda: record.exists() and recorded(record, "helper")), "no helper"
+    helper = int(recorded(record, "helper")[0])
+    try:
+        signer.kill()
+        signer.wait(timeout=10)
+        go.touch()
+        assert wait_for(lambda: not alive(helper), 5), "the helper outlived its tool"
+    finally:
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
 def children_of(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as listing:
@@ -471,3 +575,31 @@ def test_the_tools_descriptors_are_the_message_the_lock_and_the_watchdogs_pipe(k
     assert fds["3"].startswith("/memfd:message"), fds
     assert fds["4"].endswith(".lock"), fds
     assert fds["5"].startswith("pipe:"), fds
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a time namespace needs root")
+def test_the_watchdogs_clock_reads_an_uptime_under_a_second_as_decimal():
+    """In a time namespace whose boot was under a second ago (/proc/uptime "0.61 ..."):
+    the kill time is counted from 0.61 s, not from octal 061 (0.49 s), and "0.89" is no
+    error. Before: bash read the digits as octal (the kill came up to 0.14 s early) or
+    stopped the watchdog."""
+    from lap_pkcs11.backends import pkcs11_tool
+
+    head = pkcs11_tool.WATCHDOG.split("\nwhile ", 1)[0]
+    assert "end=$((" in head
+    script = f'{head}\nprintf "%s %s\\n" "$end" "$(cat /proc/uptime)"'
+    for _ in range(3):
+        # Tenths 5 to 7: octal reads them 10 to 14 hundredths short (0.5x-0.7x), decimal not.
+        while not 0.50 <= float(open("/proc/uptime").read().split()[0]) % 1 < 0.72:
+            time.sleep(0.01)
+        whole = int(float(open("/proc/uptime").read().split()[0]))
+        result = subprocess.run(["unshare", "-T", "--boottime", f"-{whole}", "bash", "-c",
+                                 script, "watchdog", "1000000", "n", "0"],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode != 0 and "unshare" in result.stderr and "end=" not in result.stderr:
+            pytest.skip(f"no time namespace here: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        end, after = result.stdout.split()[:2]
+        started = int(end) - 1000000  # microseconds of uptime when it read the clock
+        assert 0 <= started < 2_000_000
+        assert abs(started - float(after) * 1e6) < 50_000, (end, after)

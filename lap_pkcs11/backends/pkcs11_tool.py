@@ -42,13 +42,16 @@ BACKSTOP_SLACK_MS = 20
 # The watchdog (bash; ``Deadline.watch`` starts it before any tool). fd 3: the read
 # end of a pipe whose write end the signer keeps and hands to every tool as
 # WATCHDOG_FD (its helpers inherit it); right after each start the signer writes
-# "NONCE PID STARTTIME" into it. fd 4: a pipe only the watchdog itself writes to
-# (fd 5), to wait on. $1: microseconds until the kill; $2: the nonce; $3: the
-# signer's process group. Until then it collects the tools it is told of; when
-# every writer is gone (the signer and the tools ended) and no tool it was told
-# of runs, it ends at once. What it does only then is defined only then: a bash
-# that is released before (the normal case) never parses it.
-# From then on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
+# "NONCE PID STARTTIME" into it (a line on its own: a newline first). fd 4: a pipe
+# only the watchdog itself writes to (fd 5), to wait on. $1: microseconds until
+# the kill; $2: the nonce; $3: the signer's process group. Until then it collects
+# the tools it is told of (never pid 1, the signer, itself or the signer's group
+# id). When every writer is gone (the signer and the tools ended) and no tool it
+# was told of runs, it kills what is left of each told tool's process group (a
+# helper that closed the pipe; only while the leader is gone or still the told
+# tool) and ends. What it does only then is defined only then: a bash that is
+# released before (the normal case) never parses it.
+# From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
 # pipe is closed: the group of each tool it was told of whose leader still runs
 # with the start time it was told (a pid, or a group id, may belong to another
 # process by now); and every process that holds the pipe as WATCHDOG_FD, with its
@@ -56,14 +59,17 @@ BACKSTOP_SLACK_MS = 20
 # boot time (/proc/uptime, 10 ms steps), which a wall-clock step cannot move.
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
-WATCHDOG = r"""read -r up _ < /proc/uptime; end=$(( ${up/./} * 10000 + $1 )) tools=() eof=
-while read -r up _ < /proc/uptime; left=$(( end - ${up/./} * 10000 )); (( left > 0 )); do
+WATCHDOG = r"""told() {
+  [[ $1 == "$2" && $3 == [1-9]* && $3 != *[!0-9]* && $4 == [0-9]* && $4 != *[!0-9]*
+     && $3 != 1 && $3 != "$PPID" && $3 != $$ && $3 != "$5" ]] && tools+=("$3:$4")
+}
+read -r up _ < /proc/uptime; end=$(( 10#${up/./} * 10000 + $1 )) tools=() eof=
+while read -r up _ < /proc/uptime; left=$(( end - 10#${up/./} * 10000 )); (( left > 0 )); do
   printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
   read -r -t "$wait" nonce pid start <&3
   status=$?
   if (( status == 0 )); then
-    [[ $nonce == "$2" && $pid == [1-9]* && $pid != *[!0-9]* && $start == [0-9]*
-       && $start != *[!0-9]* ]] && tools+=("$pid:$start")
+    told "$nonce" "$2" "$pid" "$start" "$3"
   elif (( status <= 128 )); then
     eof=1
     break
@@ -100,9 +106,17 @@ kill_tools() {
     fi
   done
 }
+orphans() {
+  local tool pid
+  for tool in "${tools[@]}"; do
+    pid=${tool%:*}
+    if fields "$pid"; then [[ ${s[19]} == "${tool#*:}" ]] || continue; fi
+    kill -s KILL -- "-$pid" 2>/dev/null
+  done
+}
 if [[ $eof ]]; then
-  running || exit 0
-  read -r up _ < /proc/uptime; left=$(( end - ${up/./} * 10000 ))
+  running || { orphans; exit 0; }
+  read -r up _ < /proc/uptime; left=$(( end - 10#${up/./} * 10000 ))
   if (( left > 0 )); then
     printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
     read -r -t "$wait" _ <&4
@@ -115,8 +129,7 @@ while :; do
   read -r -t 0.1 nonce pid start <&3
   status=$?
   if (( status == 0 )); then
-    [[ $nonce == "$2" && $pid == [1-9]* && $pid != *[!0-9]* && $start == [0-9]*
-       && $start != *[!0-9]* ]] && tools+=("$pid:$start")
+    told "$nonce" "$2" "$pid" "$start" "$3"
   elif (( status <= 128 )); then
     kill_tools
     exit 0
@@ -129,17 +142,34 @@ _SIGKILL = 9
 PID_POLL_MS = 5
 
 
-# Watchdogs killed by ``Deadline.release`` and not reaped yet.
-_released = []
-
-
-def reap_released():
-    """Reap the watchdogs that ``Deadline.release`` killed."""
-    while _released:
+def _kill_holders(probe, spare):
+    """SIGKILL every process that still holds the pipe of ``probe`` (a read end of it),
+    at any descriptor, with its process group unless that is ours; never ``spare``
+    (the watchdog) or ourselves. For what a tool left behind outside its process
+    group (a helper that called setsid), once every tool run is over."""
+    pipe = os.fstat(probe)
+    ours, group = os.getpid(), os.getpgrp()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (ours, spare):
+            continue
         try:
-            os.waitpid(_released.pop(), 0)
-        except ChildProcessError:  # reaped already (``Deadline.watching``)
-            pass
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                info = os.stat(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) == (pipe.st_dev, pipe.st_ino):
+                try:
+                    pgid = os.getpgid(int(entry))
+                    if pgid not in (group, 0):
+                        os.killpg(pgid, _SIGKILL)
+                    os.kill(int(entry), _SIGKILL)
+                except OSError:
+                    pass
+                break
 
 
 class Deadline:
@@ -151,7 +181,8 @@ class Deadline:
     outcome at once, before that wait; all times are ``time.monotonic()`` seconds.
     """
 
-    __slots__ = ("end", "kill_at", "announce", "held", "watchdog", "watch_fd", "nonce")
+    __slots__ = ("end", "kill_at", "announce", "held", "watchdog", "watch_fd", "probe",
+                 "nonce")
 
     def __init__(self, end, caller_end=None, announce=None):
         self.end = end
@@ -163,8 +194,9 @@ class Deadline:
         if caller_end is not None:
             self.kill_at = min(self.kill_at, caller_end - KILL_RESERVE_MS / 1000)
         self.announce = announce
-        # The watchdog's pid and the write end of its pipe, once ``watch`` started it.
-        self.watchdog = self.watch_fd = self.nonce = None
+        # The watchdog's pid and the write end of its pipe, once ``watch`` started it, and
+        # a read end of that pipe, whose POLLHUP says that no other process holds it.
+        self.watchdog = self.watch_fd = self.probe = self.nonce = None
 
     def watch(self):
         """Start the watchdog (``WATCHDOG``), once, before any tool run.
@@ -208,9 +240,9 @@ class Deadline:
                 os.close(fd)
             raise errors.SigningFailed(f"the watchdog of pkcs11-tool did not start "
                                        f"({err.strerror or err}); nothing was signed") from None
-        for fd in (fds[0], fds[2], fds[3]):
+        for fd in (fds[2], fds[3]):
             os.close(fd)
-        self.watch_fd = fds[1]
+        self.probe, self.watch_fd = fds[0], fds[1]
 
     def watching(self):
         """Whether the watchdog still runs (it ends on its own only once ``kill_at``
@@ -228,34 +260,42 @@ class Deadline:
     def tell(self, pid):
         """Tell the watchdog of the tool ``pid`` (its start time tells it from a later
         process with the same pid)."""
-        line = f"{self.nonce} {pid} {process.start_ticks(pid).decode()}\n".encode()
+        line = f"\n{self.nonce} {pid} {process.start_ticks(pid).decode()}\n".encode()
         os.write(self.watch_fd, line)
 
     def abandon(self):
         """Leave the watchdog to end what it was told of at the kill time (and then
-        itself): close our end of its pipe, forget it."""
-        if self.watch_fd is not None:
-            os.close(self.watch_fd)
-        self.watch_fd = self.watchdog = None
+        itself): close our ends of its pipe, forget it."""
+        for fd in (self.watch_fd, self.probe):
+            if fd is not None:
+                os.close(fd)
+        self.watch_fd = self.probe = self.watchdog = None
 
-    def release(self, reap=True):
-        """End the watchdog, if any (every tool run under this deadline is over).
-
-        With ``reap`` false it is killed but reaped only by ``reap_released``: a
-        command that answers next lets it die meanwhile instead of waiting for it.
-        """
+    def release(self):
+        """End the watchdog, if any (every tool run under this deadline is over), and
+        first whatever a tool left behind still holding its pipe."""
         if self.watch_fd is not None:
             os.close(self.watch_fd)
             self.watch_fd = None
+        if self.probe is not None:
+            try:
+                poller = select.poll()
+                poller.register(self.probe, select.POLLIN)
+                if not any(events & select.POLLHUP for _, events in poller.poll(0)):
+                    _kill_holders(self.probe, self.watchdog)  # a writer is left
+            finally:
+                os.close(self.probe)
+                self.probe = None
         if self.watchdog is not None:
             try:
                 os.kill(self.watchdog, _SIGKILL)
             except ProcessLookupError:
                 pass
-            _released.append(self.watchdog)
+            try:
+                os.waitpid(self.watchdog, 0)
+            except ChildProcessError:  # reaped already (``watching``)
+                pass
             self.watchdog = None
-            if reap:
-                reap_released()
 
     def left(self):
         return self.end - time.monotonic()
@@ -549,7 +589,8 @@ def _kill_group(pid):
 # pkcs11-tool --keypairgen writes) or the OID 1.3.101.112 (imported keys).
 ED25519_PARAMS = ("130c656477617264733235353139", "06032b6570")
 _HEX_DIGITS = frozenset("0123456789abcdef")
-# Field names across OpenSC versions: 0.23-0.26 print EC_POINT/EC_PARAMS, 0.27 "EC Point"/"EC Params".
+# Field names across OpenSC versions: 0.23-0.26 print EC_POINT/EC_PARAMS, 0.27 "EC Point" and
+# "EC Params".
 _FIELDS = {"label": "label", "ID": "id", "EC_POINT": "ec_point", "EC Point": "ec_point",
            "EC_PARAMS": "ec_params", "EC Params": "ec_params", "Access": "access", "uri": "uri"}
 KEY_KINDS = ("private key", "public key", "secret key")

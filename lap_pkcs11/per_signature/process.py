@@ -199,7 +199,9 @@ def socket_module():
 
 
 def install_signal_handlers():
-    """Note the terminating signals instead of dying of them; wake ``poll`` on each."""
+    """Note the terminating signals instead of dying of them; wake ``poll`` on each.
+    SIGCHLD gets its default back: ignored (as a caller may leave it), the kernel would
+    reap our children itself and no exit status of pkcs11-tool could be read."""
     global wakeup_fd
     module = _signal_module()
     if wakeup_fd is None:
@@ -210,6 +212,7 @@ def install_signal_handlers():
         wakeup_fd = read_end
     for signum in SIGNALS:
         module.signal(signum, _note)
+    module.signal(module.SIGCHLD, module.SIG_DFL)
 
 
 def drain_wakeups():

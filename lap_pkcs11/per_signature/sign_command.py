@@ -16,7 +16,7 @@ from lap_pkcs11.per_signature.options import BY_FLAG, OPTIONS
 from lap_pkcs11.per_signature.signer import MAX_MESSAGE, check_message, sign
 from lap_pkcs11.per_signature.process import (answer, decode_base64, encode_signature, read_stdin,
                                               start, write_stderr)
-from lap_pkcs11.backends.pkcs11_tool import Deadline, reap_released
+from lap_pkcs11.backends.pkcs11_tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
 # beyond this is refused unread, so a huge stdin costs neither time nor memory.
@@ -99,8 +99,7 @@ class Announcer:
             self.write(error.line() + "\n")
 
 
-def run(args, started, read=None, caller_deadline=None, caller_end=None, announce=None,
-        reap=True):
+def run(args, started, read=None, caller_deadline=None, caller_end=None, announce=None):
     """Sign as ``args`` say; return (exit code, stdout bytes, stderr text).
 
     ``read(limit)`` supplies the input (default: stdin under the deadline);
@@ -108,8 +107,7 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
     socket client's does; ``caller_end`` is when whoever waits for us gives up (a
     running pkcs11-tool is killed before it); ``announce`` (an ``Announcer``)
     writes a TIMEOUT line at the deadline itself. A line already announced is not
-    returned again. With ``reap`` false, the killed watchdog is left to
-    ``tool.reap_released``.
+    returned again.
     """
     announce = announce or Announcer()
     debug = "--debug" in args
@@ -138,7 +136,7 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
             process.check_interrupted()
             signature = sign(config, message, environ, deadline)
         finally:
-            deadline.release(reap)
+            deadline.release()
         return 0, encode_signature(signature, config.output), ""
     except errors.SignerError as err:
         return err.exit_code, b"", "" if announce.done else err.line() + "\n"
@@ -164,6 +162,4 @@ def main(args, started=None):
                                        "signature, so nothing was signed")
         write_stderr(failure.line() + "\n")
         return failure.exit_code
-    code = answer(*run(args, started, announce=Announcer(write_stderr), reap=False))
-    reap_released()  # the watchdog, killed before the answer, has died meanwhile
-    return code
+    return answer(*run(args, started, announce=Announcer(write_stderr)))
