@@ -1362,9 +1362,9 @@ selector_args() {
 
 # run_tool OUT ARGS...: pkcs11-tool, never started with less than MIN_TOOL_MS
 # left, as setsid -- timeout -s KILL SECONDS pkcs11-tool (Python's backend keeps
-# the same times with a watchdog of its own instead): coreutils timeout leads a session and process group of its own (no terminal
-# to prompt on) and KILLs that whole group, a module's helper processes
-# included, BACKSTOP_MS after kill_at. While we live we kill it ourselves at
+# the same times with a watchdog of its own instead): coreutils timeout leads a
+# session and process group of its own (no terminal to prompt on) and KILLs that
+# whole group, a module's helper processes included, BACKSTOP_MS after kill_at. While we live we kill it ourselves at
 # kill_at; when a caller SIGKILLs us, the run is not cut inside a login (which
 # would empty SoftHSM2's token file), and still nothing outlives our kill_at.
 # OUT "base64": the tool's stdout goes through base64 (running while the tool
@@ -1417,10 +1417,14 @@ run_tool() {
     if ((rc == 0)); then text+=$line$'\n'; continue; fi
     text+=$line
     ((rc == 1)) && break
-    # timeout has exited, a helper of the tool holds the pipe: kill it, read on.
+    # timeout has exited, a helper of the tool holds the pipe: kill it, read on;
+    # still held a poll later, by one outside the group (setsid): kill that too.
     if [[ -z $gone ]] && tool_exited; then
       gone=1
       kill -KILL -- "-$TOOL_PID" 2>/dev/null || true
+    elif [[ $gone == 1 ]]; then
+      gone=2
+      kill_holders "$watch"
     fi
   done
   # Reaped first: timeout closes its stderr (our pipe) just before it exits.
@@ -1462,6 +1466,27 @@ tool_exited() {
   [[ -e /proc/$TOOL_PID ]] || return 0
   { IFS=' ' read -r _ _ state _ < "/proc/$TOOL_PID/stat"; } 2>/dev/null || return 0
   [[ $state == Z ]]
+}
+
+# kill_holders FD: SIGKILL every other process that still holds the pipe of our FD
+# (a helper of the tool that left its process group with setsid, keeping what it
+# inherited), with its process group unless that is ours.
+kill_holders() {
+  local held pid stat group ours=""
+  { IFS= read -r -d '' stat < "/proc/$$/stat"; } 2>/dev/null || true
+  [[ $stat == *") "* ]] && { read -r _ _ ours _ <<< "${stat##*) }"; }
+  for held in /proc/[0-9]*/fd/*; do
+    [[ $held -ef /proc/$$/fd/$1 ]] || continue
+    pid=${held#/proc/} pid=${pid%%/*}
+    [[ $pid != "$$" && $pid != "$BASHPID" ]] || continue
+    stat=""
+    { IFS= read -r -d '' stat < "/proc/$pid/stat"; } 2>/dev/null || true
+    if [[ $stat == *") "* ]]; then
+      read -r _ _ group _ <<< "${stat##*) }"
+      [[ $group == "$ours" || $group == 0 ]] || kill -KILL -- "-$group" 2>/dev/null || true
+    fi
+    kill -KILL -- "$pid" 2>/dev/null || true
+  done
 }
 
 # late_tool: the deadline (or a signal) came while pkcs11-tool ran and it

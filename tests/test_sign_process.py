@@ -425,16 +425,15 @@ def test_a_partial_line_from_a_tool_does_not_hide_the_next_tool():
         deadline.release()
 
 
-def test_a_helper_that_left_the_tools_session_dies_with_sign(keyed):
-    """FAKE tool that starts a helper with setsid (out of its process group; it keeps the
-    watchdog's pipe and the token lock) and signs: the helper is gone when sign returns.
-    Before: it lived on, holding the lock, and the next signature timed out."""
+def test_a_helper_that_left_the_tools_session_dies_with_sign(signer, keyed):
+    """FAKE tool that starts a helper with setsid (out of its process group; it keeps
+    every descriptor it inherited, the token lock among them) and signs: the helper is
+    gone when sign returns. Before: it lived on, holding the lock, and the next
+    signature timed out."""
     token, _ = keyed
     record = token.home / "record"
     env, args = fake(token, "escape", record)
-    result = subprocess.run([str(Path(sys.executable).parent / "lap-pkcs11"), "sign", *args],
-                            input=MESSAGE, env=env, cwd=token.home, capture_output=True,
-                            timeout=30)
+    result = signer(args, MESSAGE, env=env, cwd=token.home, timeout=30)
     assert result.returncode == 0, result.stderr
     helper = int(recorded(record, "escaped")[0])
     try:
