@@ -1,0 +1,169 @@
+"""Edges that a mutation run of the per-signature modules showed no test would catch.
+
+Each test names the bug it stands for: a changed loop bound, a lost flag, an
+off-by-one at a limit. Both implementations where the behaviour is the contract.
+"""
+
+import base64
+import os
+import subprocess
+import time
+import types
+
+import pytest
+
+from conftest import FAKE_TOOL, USER_PIN, assert_failure, gateway_decode, verify
+from lap_pkcs11.backends import pkcs11_tool
+from lap_pkcs11.per_signature import client_command, config, errors, signer as signing
+from test_sign_errors import alive, fake
+from test_sign_process import recorded, wait_for
+
+MESSAGE = bytes(range(256)) * 4  # 1024 bytes: the largest message
+
+
+@pytest.mark.parametrize("encoding", ["raw", "base64"])
+def test_stdin_in_many_small_writes_is_signed_whole(signer, keyed, encoding):
+    """The message arrives in 100-byte writes with pauses (a pipe read returns what is
+    there): every byte is signed. A read loop that stopped one chunk early would sign a
+    prefix, or refuse the message."""
+    token, public = keyed
+    data = MESSAGE if encoding == "raw" else base64.b64encode(MESSAGE) + b"\n"
+    process = subprocess.Popen([*signer.argv, *token.args(), "--input", encoding],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=token.env, cwd=token.home)
+    for start in range(0, len(data), 100):
+        process.stdin.write(data[start:start + 100])
+        process.stdin.flush()
+        time.sleep(0.005)
+    process.stdin.close()
+    out, err = process.stdout.read(), process.stderr.read()
+    assert process.wait(timeout=60) == 0, err
+    verify(public, MESSAGE, gateway_decode(out))
+
+
+def test_a_pin_file_with_a_crlf_line_end_is_the_pin(signer, keyed):
+    token, public = keyed
+    pin_file = token.home / "pin"
+    pin_file.write_bytes(USER_PIN.encode() + b"\r\n")
+    pin_file.chmod(0o600)
+    env = {k: v for k, v in token.env.items() if k != "PKCS11_PIN"}
+    result = signer([*token.args(), "--pin-file", str(pin_file)], b"m", env=env,
+                    cwd=token.home)
+    assert result.returncode == 0, result.stderr
+    verify(public, b"m", gateway_decode(result.stdout))
+
+
+def test_a_pin_file_and_another_pin_variable_are_refused(signer, keyed):
+    """--pin-file with --pin-env naming another variable: two PIN sources, refused."""
+    token, _ = keyed
+    pin_file = token.home / "pin"
+    pin_file.write_text(USER_PIN + "\n")
+    pin_file.chmod(0o600)
+    result = signer([*token.args(), "--pin-file", str(pin_file), "--pin-env", "OTHER_PIN"],
+                    b"m", env=token.env, cwd=token.home)
+    assert_failure(result, "CONFIG_INVALID", 64)
+
+
+def test_a_pkcs11_tool_that_is_not_executable_is_tool_not_found(signer, keyed):
+    token, _ = keyed
+    tool = token.home / "pkcs11-tool"
+    tool.write_bytes(FAKE_TOOL.read_bytes())
+    tool.chmod(0o644)
+    result = signer([*token.args(), "--pkcs11-tool", str(tool)], b"m", env=token.env,
+                    cwd=token.home)
+    assert_failure(result, "TOOL_NOT_FOUND", 69)
+
+
+@pytest.mark.parametrize("seconds, deadline_ms", [("0.299", None), ("0.3", 50)])
+def test_the_callers_deadline_less_the_margin_must_leave_50_ms(seconds, deadline_ms):
+    """SIGNER_TIMEOUT_SECONDS 0.3 leaves 300 - 250 = 50 ms: the least; 0.299 is too little."""
+    resolved = config.resolve({"module": "/m.so", "key_id": "01"},
+                              {"SIGNER_TIMEOUT_SECONDS": seconds})
+    if deadline_ms is None:
+        with pytest.raises(errors.ConfigInvalid):
+            resolved.deadline_ms()
+    else:
+        assert resolved.deadline_ms() == deadline_ms
+
+
+@pytest.mark.parametrize("args, environ, deadline_ms", [
+    (["--timeout-ms", "49"], {}, None), (["--timeout-ms", "50"], {}, 50),
+    ([], {"SIGNER_TIMEOUT_SECONDS": "0.299"}, None), ([], {"SIGNER_TIMEOUT_SECONDS": "0.3"}, 50),
+])
+def test_the_clients_deadline_is_50_ms_at_least(args, environ, deadline_ms):
+    if deadline_ms is None:
+        with pytest.raises(errors.ConfigInvalid):
+            client_command.parse_args(args, environ)
+    else:
+        assert client_command.parse_args(args, environ).deadline_ms == deadline_ms
+
+
+def test_a_tool_is_not_started_after_the_deadline():
+    """A deadline already past when the tool would start: TIMEOUT, and nothing runs (not
+    an internal error)."""
+    with pytest.raises(errors.Timeout):
+        pkcs11_tool.run(["/bin/sh", "-c", "exit 0"], {"PATH": "/usr/bin:/bin"},
+                        time.monotonic() - 0.001)
+
+
+@pytest.mark.parametrize("status, stderr, name, words", [
+    (127, "", "TOOL_NOT_FOUND", "could not be started"),
+    (126, "", "TOOL_NOT_FOUND", "could not be started"),
+    (-9, "", "SIGNING_FAILED", "died of signal 9"),
+    (-11, "", "SIGNING_FAILED", "died of signal 11"),
+    (3, "error: something new\nAborting.\n", "SIGNING_FAILED", "exited 3: error: something new"),
+])
+def test_an_unclassified_failure_says_what_the_tool_did(status, stderr, name, words):
+    error = pkcs11_tool.classify(pkcs11_tool.Result(status, b"", stderr))
+    assert error.name == name and words in error.message, error.message
+
+
+def test_the_lock_directory_is_the_first_of_several_runtime_directories(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(mode=0o700)
+    second.mkdir(mode=0o700)
+    resolved = types.SimpleNamespace(lock_dir=None)
+    folder = signing.state_dir(resolved, {"RUNTIME_DIRECTORY": f"{first}:{second}"})
+    assert os.path.dirname(folder) == str(first)
+
+
+def test_a_lock_name_from_a_configuration_path_is_cut_at_160(tmp_path):
+    module = os.stat("/bin/sh")
+    conf = str(tmp_path / ("x" * 300))  # names no file: its spelling is used
+    name = signing.lock_name(module, {"SOFTHSM2_CONF": conf})
+    prefix = f"{module.st_dev}-{module.st_ino}-"
+    assert name.startswith(prefix)
+    assert len(name) - len(prefix) == 160
+    assert name[len(prefix):] == conf.replace("/", "_")[:160]
+
+
+def test_a_labelled_key_without_an_id_is_key_not_found(monkeypatch):
+    """The one key with the label shows no CKA_ID: pkcs11-tool could not select it."""
+    listing = "Private Key Object; EC_EDWARDS\n  label:      lap\n  Usage:      sign\n"
+    monkeypatch.setattr(pkcs11_tool, "run",
+                        lambda *args, **kwargs: pkcs11_tool.Result(0, listing.encode(), ""))
+    resolved = types.SimpleNamespace(key_id=None, key_label="lap", module="/m.so", slot=None,
+                                     slot_index=None, token_label=None)
+    with pytest.raises(errors.KeyNotFound, match="shows no ID"):
+        signing.resolve_key_id(resolved, "pkcs11-tool", {}, "PIN", time.monotonic() + 5)
+
+
+def test_keygen_makes_a_sensitive_signing_key():
+    argv = pkcs11_tool.keygen_argv("pkcs11-tool", types.SimpleNamespace(
+        module="/m.so", slot=None, slot_index=None, token_label="t"), "PIN", "01", "k")
+    assert "--sensitive" in argv and "--usage-sign" in argv
+    assert argv[argv.index("--key-type") + 1] == "EC:edwards25519"
+
+
+def test_a_tool_that_exits_leaving_a_helper_in_its_group_leaves_nothing(signer, keyed):
+    """FAKE tool that exits (without a signature) leaving a helper in its process group:
+    the helper is killed with the group once the tool is reaped."""
+    token, _ = keyed
+    record, go = token.home / "record", token.home / "go"
+    env, args = fake(token, "orphan-helper", record)
+    go.touch()
+    env["FAKE_GO"] = str(go)
+    result = signer(args, b"m", env=env, cwd=token.home)
+    assert_failure(result, "SIGNING_FAILED", 70)  # it printed no signature
+    helper = int(recorded(record, "helper")[0])
+    assert wait_for(lambda: not alive(helper), 2), "the helper outlived its tool"
