@@ -167,3 +167,21 @@ def test_a_tool_that_exits_leaving_a_helper_in_its_group_leaves_nothing(signer, 
     assert_failure(result, "SIGNING_FAILED", 70)  # it printed no signature
     helper = int(recorded(record, "helper")[0])
     assert wait_for(lambda: not alive(helper), 2), "the helper outlived its tool"
+
+
+def test_no_scan_for_leftovers_after_a_tool_that_left_none(monkeypatch):
+    """A tool that leaves nothing holding the watchdog's pipe: ending the watch does not
+    scan every process for holders (a copy of the pipe kept by mistake made every
+    signature pay that scan, about 2 ms)."""
+    def scan(*args):
+        raise AssertionError("scanned /proc for holders of the pipe")
+
+    monkeypatch.setattr(pkcs11_tool, "_kill_holders", scan)
+    deadline = pkcs11_tool.Deadline(time.monotonic() + 5)
+    try:
+        result = pkcs11_tool.run(["/bin/sh", "-c", "exit 0"], {"PATH": "/usr/bin:/bin"},
+                                 deadline, stdin_data=b"m", last=True)
+        assert result.status == 0
+        assert deadline.probe is None and deadline.watch_fd is None  # the watch has ended
+    finally:
+        deadline.release()

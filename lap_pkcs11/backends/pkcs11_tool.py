@@ -42,7 +42,8 @@ BACKSTOP_SLACK_MS = 20
 # The watchdog (bash; ``Deadline.watch`` starts it before any tool). fd 3: the read
 # end of a pipe whose write end the signer keeps and hands to every tool as
 # WATCHDOG_FD (its helpers inherit it); right after each start the signer writes
-# "NONCE PID STARTTIME" into it (a line on its own: a newline first). fd 4: a pipe
+# "NONCE PID STARTTIME" into it (what follows the nonce's last appearance in a line
+# counts: a tool may have left a line of its own without its end). fd 4: a pipe
 # only the watchdog itself writes to (fd 5), to wait on. $1: microseconds until
 # the kill; $2: the nonce; $3: the signer's process group. Until then it collects
 # the tools it is told of (never pid 1, the signer, itself or the signer's group
@@ -51,8 +52,8 @@ BACKSTOP_SLACK_MS = 20
 # helper that closed the pipe; only while the leader is gone or still the told
 # tool) and ends. What it does only then is defined only then: a bash that is
 # released before (the normal case) never parses it.
-# From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms until the
-# pipe is closed: the group of each tool it was told of whose leader still runs
+# From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms
+# until the pipe is closed: the group of each tool it was told of whose leader still runs
 # with the start time it was told (a pid, or a group id, may belong to another
 # process by now); and every process that holds the pipe as WATCHDOG_FD, with its
 # group, but never the signer ($PPID) or the signer's group. Its clock is the
@@ -60,16 +61,20 @@ BACKSTOP_SLACK_MS = 20
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
 WATCHDOG = r"""told() {
-  [[ $1 == "$2" && $3 == [1-9]* && $3 != *[!0-9]* && $4 == [0-9]* && $4 != *[!0-9]*
-     && $3 != 1 && $3 != "$PPID" && $3 != $$ && $3 != "$5" ]] && tools+=("$3:$4")
+  (( $# == 3 )) && [[ $2 == [1-9]* && $2 != *[!0-9]* && $3 == [0-9]* && $3 != *[!0-9]*
+     && $2 != 1 && $2 != "$PPID" && $2 != $$ && $2 != "$1" ]] && tools+=("$2:$3")
+}
+heard() {
+  [[ $1 == *"$2 "* ]] || return 0
+  set -f; told "$3" ${1##*"$2" }; set +f
 }
 read -r up _ < /proc/uptime; end=$(( 10#${up/./} * 10000 + $1 )) tools=() eof=
 while read -r up _ < /proc/uptime; left=$(( end - 10#${up/./} * 10000 )); (( left > 0 )); do
   printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
-  read -r -t "$wait" nonce pid start <&3
+  read -r -t "$wait" line <&3
   status=$?
   if (( status == 0 )); then
-    told "$nonce" "$2" "$pid" "$start" "$3"
+    heard "$line" "$2" "$3"
   elif (( status <= 128 )); then
     eof=1
     break
@@ -126,10 +131,10 @@ if [[ $eof ]]; then
 fi
 while :; do
   kill_tools
-  read -r -t 0.1 nonce pid start <&3
+  read -r -t 0.1 line <&3
   status=$?
   if (( status == 0 )); then
-    told "$nonce" "$2" "$pid" "$start" "$3"
+    heard "$line" "$2" "$3"
   elif (( status <= 128 )); then
     kill_tools
     exit 0
@@ -260,7 +265,7 @@ class Deadline:
     def tell(self, pid):
         """Tell the watchdog of the tool ``pid`` (its start time tells it from a later
         process with the same pid)."""
-        line = f"\n{self.nonce} {pid} {process.start_ticks(pid).decode()}\n".encode()
+        line = f"{self.nonce} {pid} {process.start_ticks(pid).decode()}\n".encode()
         os.write(self.watch_fd, line)
 
     def abandon(self):
@@ -271,9 +276,10 @@ class Deadline:
                 os.close(fd)
         self.watch_fd = self.probe = self.watchdog = None
 
-    def release(self):
-        """End the watchdog, if any (every tool run under this deadline is over), and
-        first whatever a tool left behind still holding its pipe."""
+    def end_watch(self):
+        """Every tool run under this deadline is over: kill whatever a tool left behind
+        still holding the watchdog's pipe, then the watchdog; ``release`` reaps it (it
+        dies meanwhile, while we finish the answer)."""
         if self.watch_fd is not None:
             os.close(self.watch_fd)
             self.watch_fd = None
@@ -286,11 +292,16 @@ class Deadline:
             finally:
                 os.close(self.probe)
                 self.probe = None
+            if self.watchdog is not None:
+                try:
+                    os.kill(self.watchdog, _SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def release(self):
+        """End the watchdog, if any, and reap it (``end_watch``, then the wait)."""
+        self.end_watch()
         if self.watchdog is not None:
-            try:
-                os.kill(self.watchdog, _SIGKILL)
-            except ProcessLookupError:
-                pass
             try:
                 os.waitpid(self.watchdog, 0)
             except ChildProcessError:  # reaped already (``watching``)
@@ -438,7 +449,7 @@ def _written(fd):
     return os.pread(fd, os.lseek(fd, 0, os.SEEK_CUR), 0)
 
 
-def run(argv, env, deadline, stdin_data=None):
+def run(argv, env, deadline, stdin_data=None, last=False):
     """Run ``argv`` until it exits, within ``deadline`` (a Deadline, or monotonic seconds).
 
     ``stdin_data`` (bytes) is exposed to the tool as ``/dev/fd/3``, a regular file,
@@ -447,7 +458,9 @@ def run(argv, env, deadline, stdin_data=None):
     signal arrives), the outcome is announced at once, the tool may still finish
     until ``kill_at``, and then its whole process group is killed and reaped. The
     deadline's watchdog (``Deadline.watch``) is running before the tool starts; a
-    deadline given as seconds is this run's own, and so is its watchdog.
+    deadline given as seconds is this run's own, and so is its watchdog. ``last``
+    says no other run follows under this deadline: the watchdog is ended as soon as
+    this one is over (``Deadline.end_watch``).
     """
     owned = not isinstance(deadline, Deadline)
     if owned:
@@ -474,8 +487,9 @@ def run(argv, env, deadline, stdin_data=None):
         except OSError as err:
             raise errors.SigningFailed(f"cannot prepare pkcs11-tool's descriptors "
                                        f"({err.strerror or err}); nothing was signed") from None
-        fds += [fd for fd in sources if fd not in fds and fd not in (deadline.watch_fd,
-                                                                      deadline.held)]
+        copies = [fd for fd in sources if fd not in fds and fd not in (deadline.watch_fd,
+                                                                        deadline.held)]
+        fds += copies
         actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
         actions += [(os.POSIX_SPAWN_DUP2, source, target)
                     for source, (_, target) in zip(sources, targets)]
@@ -493,6 +507,12 @@ def run(argv, env, deadline, stdin_data=None):
             # e.g. a script whose interpreter is missing, or no program at all
             raise errors.ToolNotFound(f"{argv[0]} could not be started ({err.strerror or err}); "
                                       "check --pkcs11-tool") from None
+        finally:
+            # The copies served the spawn only (a copy of the watchdog's pipe left open
+            # here would look like a tool's helper still holding it).
+            for fd in copies:
+                fds.remove(fd)
+                os.close(fd)
         try:
             deadline.tell(pid)
         except OSError:
@@ -515,6 +535,8 @@ def run(argv, env, deadline, stdin_data=None):
             pid = None  # late or interrupted: reaped, its group killed, then raised
             raise
         pid = None  # reaped, its group killed
+        if last:
+            deadline.end_watch()
         return Result(status, _written(fds[0]), _written(fds[1]).decode("utf-8", "replace"))
     finally:
         for fd in fds:

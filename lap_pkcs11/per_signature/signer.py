@@ -323,7 +323,7 @@ def _sign_locked(config, message, env, pin_env, tool_path, deadline, guard):
         key_id = resolve_key_id(config, tool_path, env, pin_env, deadline)
         result = pkcs11_tool.run(
             pkcs11_tool.sign_argv(tool_path, config, key_id, pin_env, "/dev/fd/3"), env,
-            deadline, stdin_data=message)
+            deadline, stdin_data=message, last=True)
         if result.status != 0:
             raise pkcs11_tool.classify(result)
     except errors.PinIncorrect:
