@@ -25,7 +25,8 @@ import threading
 from lap_pkcs11.per_signature import config as configuration
 from lap_pkcs11.per_signature import errors, wire
 from lap_pkcs11.agent import protocol, systemd
-from lap_pkcs11.per_signature.options import BY_ATTR, BY_FLAG, OPTIONS
+from lap_pkcs11.per_signature.config import parse_flags
+from lap_pkcs11.per_signature.options import BY_ATTR, OPTIONS
 
 # Variables that make a module log PIN-bearing traffic. The agent loads the module
 # it is told to in its own environment (a spy module is a deliberate choice), but
@@ -68,31 +69,8 @@ Print the running agent's metrics in the Prometheus text format.
 
 def parse_args(args):
     """Map ``args`` to {attr: raw text} by the option table; return (flags, debug, help)."""
-    flags, debug, want_help = {}, False, False
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            want_help = True
-            continue
-        if arg == "--debug":
-            debug = True
-            continue
-        name, eq, value = arg.partition("=")
-        option = BY_FLAG.get(name)
-        if option is None:
-            what = "option" if arg.startswith("-") else "argument"
-            raise errors.ConfigInvalid(f"unknown {what} {name!r}; see lap-pkcs11 agent --help")
-        if not eq:
-            if i >= len(args):
-                raise errors.ConfigInvalid(f"{name} needs a value ({option.metavar})")
-            value = args[i]
-            i += 1
-        if option.attr in flags:
-            raise errors.ConfigInvalid(f"{name} is given twice; keep one")
-        flags[option.attr] = value
-    return flags, debug, want_help
+    flags, given = parse_flags(args, "agent", ("-h", "--help", "--debug"))
+    return flags, "--debug" in given, bool(given & {"-h", "--help"})
 
 
 class Journal:

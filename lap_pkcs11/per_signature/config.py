@@ -14,7 +14,7 @@ This module is on the per-signature path: it imports only what Python has built 
 """
 
 from lap_pkcs11.per_signature.errors import ConfigInvalid
-from lap_pkcs11.per_signature.options import BY_ATTR, OPTIONS, TOKEN_CONSTRAINTS
+from lap_pkcs11.per_signature.options import BY_ATTR, BY_FLAG, OPTIONS, TOKEN_CONSTRAINTS
 
 # Variables that make OpenSC or its spy module log PIN-bearing traffic: they never
 # reach pkcs11-tool, whatever the gateway's environment holds.
@@ -235,3 +235,31 @@ def check_gateway_input(config, environ):
         raise ConfigInvalid(
             "started by the LAP gateway, which sends base64(message), but --input is not set; "
             "add --input base64 to SIGNER_CMD (or set --input raw explicitly)")
+
+
+def parse_flags(args, command, switches):
+    """Map ``args`` to ({attr: raw text} by the option table, {switch given}): a flag takes
+    its value as ``--flag VALUE`` or ``--flag=VALUE``, once; ``switches`` take none.
+    ``command`` names the help to see in the line of an unknown option."""
+    flags, given = {}, set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in switches:
+            given.add(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        option = BY_FLAG.get(name)
+        if option is None:
+            what = "option" if arg.startswith("-") else "argument"
+            raise ConfigInvalid(f"unknown {what} {name!r}; see lap-pkcs11 {command} --help")
+        if not eq:
+            if i >= len(args):
+                raise ConfigInvalid(f"{name} needs a value ({option.metavar})")
+            value = args[i]
+            i += 1
+        if option.attr in flags:
+            raise ConfigInvalid(f"{name} is given twice; keep one")
+        flags[option.attr] = value
+    return flags, given

@@ -11,8 +11,8 @@ import os
 
 from lap_pkcs11.per_signature import config as configuration
 from lap_pkcs11.per_signature import errors, process
-from lap_pkcs11.per_signature.config import check_gateway_input
-from lap_pkcs11.per_signature.options import BY_FLAG, OPTIONS
+from lap_pkcs11.per_signature.config import check_gateway_input, parse_flags
+from lap_pkcs11.per_signature.options import OPTIONS
 from lap_pkcs11.per_signature.signer import MAX_MESSAGE, check_message, sign
 from lap_pkcs11.per_signature.process import (answer, decode_base64, encode_signature, read_stdin,
                                               start, write_stderr)
@@ -44,34 +44,10 @@ def usage():
 def parse_args(args):
     """Map ``args`` to {attr: raw text}; return (flags, debug, help): help is "help",
     "version" or False."""
-    flags, debug, want_help = {}, False, False
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            want_help = "help"
-            continue
-        if arg == "--version":
-            want_help = want_help or "version"
-            continue
-        if arg == "--debug":
-            debug = True
-            continue
-        name, eq, value = arg.partition("=")
-        option = BY_FLAG.get(name)
-        if option is None:
-            what = "option" if arg.startswith("-") else "argument"
-            raise errors.ConfigInvalid(f"unknown {what} {name!r}; see lap-pkcs11 sign --help")
-        if not eq:
-            if i >= len(args):
-                raise errors.ConfigInvalid(f"{name} needs a value ({option.metavar})")
-            value = args[i]
-            i += 1
-        if option.attr in flags:
-            raise errors.ConfigInvalid(f"{name} is given twice; keep one")
-        flags[option.attr] = value
-    return flags, debug, want_help
+    flags, given = parse_flags(args, "sign", ("-h", "--help", "--version", "--debug"))
+    want_help = "help" if given & {"-h", "--help"} else "version" if "--version" in given \
+        else False
+    return flags, "--debug" in given, want_help
 
 
 def read_message(encoding, read):
