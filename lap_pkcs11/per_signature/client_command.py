@@ -40,7 +40,7 @@ import time
 from lap_pkcs11.per_signature import errors, process, wire
 from lap_pkcs11.per_signature.config import CALLER_MARGIN_MS, MIN_DEADLINE_MS, check_gateway_input
 from lap_pkcs11.per_signature.options import BY_ATTR, _seconds_as_ms, _timeout_ms
-from lap_pkcs11.per_signature.process import answer, decode_base64, read_stdin, start, write_stderr
+from lap_pkcs11.per_signature.process import answer, begin, decode_base64, read_stdin
 
 _socket = process.socket_module()
 
@@ -418,14 +418,8 @@ def run(args, started):
 
 def main(args, started=None):
     """Run ``client``; return the exit code the signer produced (or the client's own)."""
-    try:
-        started, closed = start(started)
-    except errors.SignerError as err:
-        write_stderr(err.line() + "\n")
-        return err.exit_code
-    if 1 in closed:
-        failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
-                                       "signature, so nothing was asked of the signer")
-        write_stderr(failure.line() + "\n")
-        return failure.exit_code
+    started, code = begin(started, (1,), "stdout is closed; there is nowhere to print the "
+                          "signature, so nothing was asked of the signer")
+    if code is not None:
+        return code
     return answer(*run(args, started))

@@ -399,6 +399,22 @@ def start(started=None):
     return min(started or time.monotonic(), started_at()), closed
 
 
+def begin(started, streams, refusal):
+    """``start``, then refuse to go on when one of ``streams`` (standard descriptors the
+    command needs) was closed, ``refusal`` saying why: (start time, None), or (None, the
+    exit code) once the one line is on stderr. Every per-signature command begins so."""
+    try:
+        started, closed = start(started)
+    except errors.SignerError as err:
+        write_stderr(err.line() + "\n")
+        return None, err.exit_code
+    if closed & set(streams):
+        failure = errors.SigningFailed(refusal)
+        write_stderr(failure.line() + "\n")
+        return None, failure.exit_code
+    return started, None
+
+
 def answer(code, out, err):
     """Print a command's outcome: ``out`` on stdout (a failure to is the error then),
     ``err`` on stderr; return the exit code."""

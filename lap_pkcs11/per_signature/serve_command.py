@@ -19,7 +19,7 @@ from lap_pkcs11.per_signature import config as configuration
 from lap_pkcs11.per_signature import errors, process, wire
 from lap_pkcs11.per_signature.options import BY_ATTR
 from lap_pkcs11.per_signature.sign_command import parse_args, run
-from lap_pkcs11.per_signature.process import start, write_stderr, write_stdout
+from lap_pkcs11.per_signature.process import begin, write_stderr, write_stdout
 
 # What serve reads after answering early (e.g. a bad configuration, before the
 # payload was read), so that closing does not reset the client's connection
@@ -140,15 +140,10 @@ def main(args, started=None):
     if any(arg in ("-h", "--help") for arg in args):
         write_stdout(USAGE.encode())
         return 0
-    try:
-        started, closed = start(started)
-    except errors.SignerError as err:
-        write_stderr(err.line() + "\n")
-        return err.exit_code
-    if 0 in closed or 1 in closed:
-        write_stderr(errors.SigningFailed("serve has no connection on stdin and stdout; it is "
-                                          "started by lap-pkcs11-signer.socket").line() + "\n")
-        return errors.SigningFailed.exit_code
+    started, code = begin(started, (0, 1), "serve has no connection on stdin and stdout; it "
+                          "is started by lap-pkcs11-signer.socket")
+    if code is not None:
+        return code
     reply = Reply()
     request = Request(started + own_deadline_ms(args) / 1000)
     try:

@@ -14,8 +14,8 @@ from lap_pkcs11.per_signature import errors, process
 from lap_pkcs11.per_signature.config import check_gateway_input, parse_flags
 from lap_pkcs11.per_signature.options import OPTIONS
 from lap_pkcs11.per_signature.signer import MAX_MESSAGE, check_message, sign
-from lap_pkcs11.per_signature.process import (answer, decode_base64, encode_signature, read_stdin,
-                                              start, write_stderr)
+from lap_pkcs11.per_signature.process import (answer, begin, decode_base64, encode_signature,
+                                              read_stdin, write_stderr)
 from lap_pkcs11.backends.pkcs11_tool import Deadline
 
 # Base64 of MAX_MESSAGE bytes, plus generous room for surrounding whitespace: stdin
@@ -128,14 +128,8 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
 
 def main(args, started=None):
     """Run ``sign`` with ``args``; return the exit code."""
-    try:
-        started, closed = start(started)
-    except errors.SignerError as err:
-        write_stderr(err.line() + "\n")
-        return err.exit_code
-    if 1 in closed:
-        failure = errors.SigningFailed("stdout is closed; there is nowhere to print the "
-                                       "signature, so nothing was signed")
-        write_stderr(failure.line() + "\n")
-        return failure.exit_code
+    started, code = begin(started, (1,), "stdout is closed; there is nowhere to print the "
+                          "signature, so nothing was signed")
+    if code is not None:
+        return code
     return answer(*run(args, started, announce=Announcer(write_stderr)))
