@@ -26,6 +26,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 
 from conftest import ROOT, USER_PIN, SO_PIN, assert_failure, gateway_decode, require, verify
+from test_systemd import allowed_syscalls
 
 LAP = Path(sys.executable).parent / "lap-pkcs11"
 UNITS = ROOT / "systemd"
@@ -809,32 +810,6 @@ def test_agent_units_say_what_the_issue_asks():
     assert unit_value(SERVICE, "PrivateUsers") == []  # peers must keep their uids
 
 
-def expand_syscall_group(group, cache={}):
-    if group not in cache:
-        out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
-                             text=True, check=True).stdout
-        names = set()
-        for line in out.splitlines()[1:]:
-            word = line.strip()
-            if word.startswith("@"):
-                names |= expand_syscall_group(word)
-            elif re.fullmatch(r"[a-z0-9_]+", word):
-                names.add(word)
-        cache[group] = names
-    return cache[group]
-
-
-def allowed_syscalls():
-    allowed = set()
-    for value in unit_value(SERVICE, "SystemCallFilter"):
-        remove = value.startswith("~")
-        names = set()
-        for item in value.lstrip("~").split():
-            names |= expand_syscall_group(item) if item.startswith("@") else {item}
-        allowed = allowed - names if remove else allowed | names
-    return allowed
-
-
 def test_every_system_call_of_the_agent_passes_the_unit_filter(keyed, tmp_path):
     """Start, sign on both protocols, refuse, report, recover and stop, all under strace."""
     token, public = keyed
@@ -868,7 +843,7 @@ def test_every_system_call_of_the_agent_passes_the_unit_filter(keyed, tmp_path):
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(), re.M))
     assert {"accept4", "epoll_wait", "sendto", "prctl", "getsockopt"} <= used  # a real trace
     assert re.search(r"^\d+\s+prctl\(PR_SET_DUMPABLE, SUID_DUMP_DISABLE", trace.read_text(), re.M)
-    assert used - allowed_syscalls() == set()
+    assert used - allowed_syscalls(SERVICE) == set()
 
 
 def test_verification_catches_a_wrong_signature():

@@ -376,10 +376,11 @@ def expand_syscall_group(group, cache={}):
     return cache[group]
 
 
-def allowed_syscalls():
-    """What the unit's SystemCallFilter= lines allow, applied in order."""
+def allowed_syscalls(service=SERVICE):
+    """What the unit's SystemCallFilter= lines allow, applied in order (the agent's unit
+    too, in tests/test_agent.py)."""
     allowed = set()
-    for value in unit_value(SERVICE, "SystemCallFilter"):
+    for value in unit_value(service, "SystemCallFilter"):
         remove = value.startswith("~")
         names = set()
         for item in value.lstrip("~").split():
