@@ -79,8 +79,9 @@ for _name in ANCESTORS B64 BACKSTOP_MS BYTES CALLER_END_US CALLER_MARGIN_MS CONF
     KEY_ID KILL_AT_US KILL_RESERVE_MS LINE LINES LINKS LOCKER LOCK_FD MADE MARKER MAX_MESSAGE \
     MIN_DEADLINE_MS MIN_TOOL_MS MSG_FD OPTION_TABLE OUTPUT_LIMIT PARTS PIN_ENV PIN_FD \
     PIN_FILE_LIMIT PIN_VALUE POLL_US READ_LIMIT SCRUBBED_ENV SECRET SECRET_FILE SELECTOR \
-    SIGNALS SIG_FD SIG_SCRATCH SRC START_US STATE_FILE_LIMIT STATUS STDERR STDOUT_CLOSED TEXT \
-    TIMEOUT_TOOL TOKEN_CONSTRAINTS TOOL TOOL_PID URI_ITEMS URI_MAX_LENGTH URI_NAME URI_ORDER \
+    SIGNALS SIG_FD SIG_SCRATCH SRC START_US STAT_FIELDS STATE_FILE_LIMIT STATUS STDERR \
+    STDOUT_CLOSED TEXT TIMEOUT_TOOL TOKEN_CONSTRAINTS TOOL TOOL_PID TOOL_START URI_ITEMS \
+    URI_MAX_LENGTH URI_NAME URI_ORDER \
     URI_PATH URI_PATH_CHARS URI_QUERY URI_QUERY_CHARS URI_REFUSED URI_UNRESERVED URI_VAL VAL \
     VERSION OPEN_END_US WRITE_WAIT; do
   [[ ${!_name@a} == *x* ]] && INHERITED[$_name]=${!_name}
@@ -155,7 +156,7 @@ declare -A FLAG_ATTR=() FLAGS=() VAL=() SRC=() FILE_ENV=() INFO=() EXIT_CODE=(
   [SIGNING_FAILED]=70)
 START_US=${EPOCHREALTIME/./}
 DEADLINE_US=0 KILL_AT_US=0 CALLER_END_US=0
-LINE="" EXIT=0 TOOL_PID="" IN_STDIN="" MARKER="" STATUS=0 ERR_TEXT="" TEXT=""
+LINE="" EXIT=0 TOOL_PID="" TOOL_START="" IN_STDIN="" MARKER="" STATUS=0 ERR_TEXT="" TEXT=""
 BYTES=() PARTS=()
 
 # say NAME MESSAGE: the one stderr line (whitespace folded, control characters
@@ -1388,6 +1389,8 @@ run_tool() {
         > >(exec base64 -w0 > "/dev/fd/$SIG_FD" 2>/dev/null)
     )
     TOOL_PID=$!
+    TOOL_START=""
+    stat_of "$TOOL_PID" && TOOL_START=${STAT_FIELDS[19]}
   else
     listing=1
     exec {watch}< <(
@@ -1395,6 +1398,8 @@ run_tool() {
       exec setsid -- "$TIMEOUT_TOOL" -s KILL "$backstop" "$TOOL" "$@" </dev/null 2> "/dev/fd/$ERR_FD"
     )
     TOOL_PID=$!
+    TOOL_START=""
+    stat_of "$TOOL_PID" && TOOL_START=${STAT_FIELDS[19]}
   fi
   while :; do
     now=${EPOCHREALTIME/./}
@@ -1468,24 +1473,37 @@ tool_exited() {
   [[ $state == Z ]]
 }
 
-# kill_holders FD: SIGKILL every other process that still holds the pipe of our FD
-# (a helper of the tool that left its process group with setsid, keeping what it
-# inherited), with its process group unless that is ours.
+# stat_of PID: the fields of /proc/PID/stat after the command name, into STAT_FIELDS.
+stat_of() {
+  local stat=""
+  { IFS= read -r -d '' stat < "/proc/$1/stat"; } 2>/dev/null || true
+  [[ $stat == *") "* ]] || return 1
+  read -r -a STAT_FIELDS <<< "${stat##*) }"
+}
+
+# kill_holders FD: SIGKILL every other process, started since the tool's chain, that
+# still holds the pipe of our FD (a helper that left the tool's process group with
+# setsid, keeping what it inherited), with its process group when the group's leader
+# started since too and the group is not ours. An older holder got the descriptor
+# passed to it by the tool: it is no leftover, and neither is its group.
 kill_holders() {
-  local held pid stat group ours=""
-  { IFS= read -r -d '' stat < "/proc/$$/stat"; } 2>/dev/null || true
-  [[ $stat == *") "* ]] && { read -r _ _ ours _ <<< "${stat##*) }"; }
-  for held in /proc/[0-9]*/fd/*; do
-    [[ $held -ef /proc/$$/fd/$1 ]] || continue
-    pid=${held#/proc/} pid=${pid%%/*}
+  local dir held pid group ours since=$TOOL_START
+  [[ -n $since ]] && stat_of $$ || return 0
+  ours=${STAT_FIELDS[2]}
+  for dir in /proc/[0-9]*; do
+    pid=${dir#/proc/}
     [[ $pid != "$$" && $pid != "$BASHPID" ]] || continue
-    stat=""
-    { IFS= read -r -d '' stat < "/proc/$pid/stat"; } 2>/dev/null || true
-    if [[ $stat == *") "* ]]; then
-      read -r _ _ group _ <<< "${stat##*) }"
-      [[ $group == "$ours" || $group == 0 ]] || kill -KILL -- "-$group" 2>/dev/null || true
-    fi
-    kill -KILL -- "$pid" 2>/dev/null || true
+    if ! stat_of "$pid" || ((STAT_FIELDS[19] < since)); then continue; fi
+    group=${STAT_FIELDS[2]}
+    for held in "$dir"/fd/*; do
+      [[ $held -ef /proc/$$/fd/$1 ]] || continue
+      if [[ $group != "$ours" && $group != 0 ]] && stat_of "$group" \
+          && ((STAT_FIELDS[19] >= since)); then
+        kill -KILL -- "-$group" 2>/dev/null || true
+      fi
+      kill -KILL -- "$pid" 2>/dev/null || true
+      break
+    done
   done
 }
 

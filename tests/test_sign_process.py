@@ -443,6 +443,53 @@ def test_a_helper_that_left_the_tools_session_dies_with_sign(signer, keyed):
             os.kill(helper, signal.SIGKILL)
 
 
+RECEIVER = """
+import socket, sys, time
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(1)
+print("ready", flush=True)
+connection, _ = server.accept()
+socket.recv_fds(connection, 1, 8)
+print("received", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_process_the_tool_handed_its_descriptors_is_not_killed(signer, keyed):
+    """FAKE tool that passes its descriptors (the signer's pipes) over a unix socket to a
+    process that ran before the signer, in a session of its own with a bystander: that
+    process holds the pipe now, but it is no leftover of the tool; neither it nor its
+    group is killed. Before: both were (a caller's own group, had it received them)."""
+    token, _ = keyed
+    path = token.home / "receiver.sock"
+    group = subprocess.Popen(["bash", "-c", '"$0" -c "$1" "$2" & sleep 60 & wait',
+                              sys.executable, RECEIVER, str(path)], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert group.stdout.readline() == "ready\n"
+        time.sleep(0.05)  # started well before the signer, in clock ticks
+        env, args = fake(token, "pass-fds")
+        env["FAKE_PASS_TO"] = str(path)
+        result = signer(args, MESSAGE, env=env, cwd=token.home, timeout=30)
+        assert group.stdout.readline() == "received\n"
+        if signer.name == "shell":
+            # Its signature comes through the tool's stdout pipe, which the receiver holds
+            # open now: the mirror cannot finish it and fails closed at its deadline.
+            assert_failure(result, "TIMEOUT", 75)
+        else:
+            assert result.returncode == 0, result.stderr
+        time.sleep(0.3)
+        members = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if alive(pid) and os.path.exists(f"/proc/{pid}/stat") and
+                   open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2] ==
+                   str(group.pid)]
+        assert group.poll() is None and len(members) == 3, members  # bash, receiver, sleep
+    finally:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
+
+
 def test_a_helper_that_closed_the_pipe_dies_when_its_tool_ends_after_the_signer(keyed):
     """FAKE tool with a helper in its group that closed the watchdog's pipe; the signer is
     SIGKILLed, then the tool exits: the watchdog, seeing every writer gone and no told

@@ -55,8 +55,10 @@ BACKSTOP_SLACK_MS = 20
 # From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms
 # until the pipe is closed: the group of each tool it was told of whose leader still runs
 # with the start time it was told (a pid, or a group id, may belong to another
-# process by now); and every process that holds the pipe as WATCHDOG_FD, with its
-# group, but never the signer ($PPID) or the signer's group. Its clock is the
+# process by now); and every process started since the watchdog that holds the pipe
+# as WATCHDOG_FD, with its group when the group's leader started since too (an older
+# holder got the descriptor passed by a tool: it is no tool's leftover), but never
+# the signer ($PPID) or the signer's group. Its clock is the
 # boot time (/proc/uptime, 10 ms steps), which a wall-clock step cannot move.
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
@@ -94,18 +96,20 @@ running() {
   return 1
 }
 kill_tools() {
-  local tool held pid
+  local tool held pid group since
   for tool in "${tools[@]}"; do
     pid=${tool%:*}
     fields "$pid" && [[ ${s[19]} == "${tool#*:}" ]] || continue
     kill -s KILL -- "-$pid" 2>/dev/null
   done
+  fields $$ && since=${s[19]} || return 0
   for held in /proc/[0-9]*/fd/5; do
     [[ $held -ef /proc/$$/fd/3 ]] || continue
     pid=${held#/proc/} pid=${pid%%/*}
-    [[ $pid != "$PPID" && $pid != $$ ]] && fields "$pid" || continue
-    if [[ ${s[2]} != "$3" && ${s[2]} != 0 ]]; then
-      kill -s KILL -- "-${s[2]}" "$pid" 2>/dev/null
+    [[ $pid != "$PPID" && $pid != $$ ]] && fields "$pid" && (( s[19] >= since )) || continue
+    group=${s[2]}
+    if [[ $group != "$3" && $group != 0 ]] && fields "$group" && (( s[19] >= since )); then
+      kill -s KILL -- "-$group" "$pid" 2>/dev/null
     else
       kill -s KILL -- "$pid" 2>/dev/null
     fi
@@ -145,17 +149,48 @@ _WATCHDOG_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 _SIGKILL = 9
 # How often the tool's state is asked for when no pidfd could be opened.
 PID_POLL_MS = 5
+# How long the end of a watch waits for the pipe to be let go (a helper killed with
+# the tool's group dies asynchronously) before it searches /proc for its holders.
+HOLDER_WAIT_MS = 20
 
 
-def _kill_holders(probe, spare):
-    """SIGKILL every process that still holds the pipe of ``probe`` (a read end of it),
-    at any descriptor, with its process group unless that is ours; never ``spare``
-    (the watchdog) or ourselves. For what a tool left behind outside its process
-    group (a helper that called setsid), once every tool run is over."""
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _kill_holders(probe, watchdog, until):
+    """SIGKILL the processes that a tool left behind still holding the pipe of ``probe``
+    (a read end of it), at any descriptor: a helper that left the tool's process group.
+
+    Only processes started since the watchdog (which starts before any tool) are
+    looked at: an older one can hold the pipe only because a tool passed it the
+    descriptor, and is no tool's leftover. A holder's process group goes with it
+    when the group's leader started since too and the group is not ours. Never
+    ourselves or the watchdog. Return False when ``until`` (monotonic seconds)
+    came before the search was through.
+    """
     pipe = os.fstat(probe)
-    ours, group = os.getpid(), os.getpgrp()
+    fields = _stat_fields(watchdog)
+    if fields is None:
+        return True  # the watchdog is gone already: nothing to date the tools by
+    since, ours, group = int(fields[19]), os.getpid(), os.getpgrp()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (ours, spare):
+        if time.monotonic() >= until:
+            return False
+        if not entry.isdigit() or int(entry) in (ours, watchdog):
+            continue
+        fields = _stat_fields(entry)
+        if fields is None or int(fields[19]) < since:
             continue
         try:
             fds = os.listdir(f"/proc/{entry}/fd")
@@ -167,14 +202,16 @@ def _kill_holders(probe, spare):
             except OSError:
                 continue
             if (info.st_dev, info.st_ino) == (pipe.st_dev, pipe.st_ino):
+                leader = _stat_fields(int(fields[2]))
                 try:
-                    pgid = os.getpgid(int(entry))
-                    if pgid not in (group, 0):
-                        os.killpg(pgid, _SIGKILL)
+                    if int(fields[2]) not in (group, 0) and leader is not None and \
+                            int(leader[19]) >= since:
+                        os.killpg(int(fields[2]), _SIGKILL)
                     os.kill(int(entry), _SIGKILL)
                 except OSError:
                     pass
                 break
+    return True
 
 
 class Deadline:
@@ -284,15 +321,19 @@ class Deadline:
             os.close(self.watch_fd)
             self.watch_fd = None
         if self.probe is not None:
+            searched = True
             try:
                 poller = select.poll()
-                poller.register(self.probe, select.POLLIN)
-                if not any(events & select.POLLHUP for _, events in poller.poll(0)):
-                    _kill_holders(self.probe, self.watchdog)  # a writer is left
+                poller.register(self.probe, 0)  # POLLHUP only, whatever data is unread
+                # A helper killed with the tool's group closes its descriptors as it dies.
+                if not any(events & select.POLLHUP for _, events in poller.poll(HOLDER_WAIT_MS)):
+                    searched = _kill_holders(self.probe, self.watchdog, self.kill_at)
             finally:
                 os.close(self.probe)
                 self.probe = None
-            if self.watchdog is not None:
+            if not searched:  # out of time: the watchdog finds what holds the pipe at its time
+                self.watchdog = None
+            elif self.watchdog is not None:
                 try:
                     os.kill(self.watchdog, _SIGKILL)
                 except ProcessLookupError:
