@@ -355,6 +355,26 @@ def test_a_told_tool_outliving_a_dead_signer_still_dies_at_the_time():
         deadline.release()
 
 
+def test_a_told_tool_that_ends_after_the_signer_takes_its_helpers_along():
+    """The signer is gone (the pipe closed) while a told tool still runs without the pipe;
+    the tool ends half a second later: its helper dies then, not only at the kill time
+    (20 s here). Before: the watchdog slept to the kill time once it saw the tool run,
+    so a tool still exiting when the pipe closed left its helper for that long."""
+    deadline = watched(20)
+    leader = start_tool(["bash", "-c", "sleep 60 & exec sleep 0.5"])
+    tell(deadline, leader)
+    helper = helper_of(leader)
+    os.close(deadline.watch_fd)
+    deadline.watch_fd = None
+    try:
+        assert wait_for(lambda: not alive(helper), 5), "the helper outlived its tool"
+    finally:
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+        finish([leader])
+        deadline.release()
+
+
 def test_a_tool_started_after_the_time_is_killed_too():
     """The signer was stuck past its kill time and then started a tool: the watchdog,
     still there while the signer holds the pipe, kills it."""

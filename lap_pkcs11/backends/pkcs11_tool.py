@@ -47,10 +47,11 @@ BACKSTOP_SLACK_MS = 20
 # only the watchdog itself writes to (fd 5), to wait on. $1: microseconds until
 # the kill; $2: the nonce; $3: the signer's process group. Until then it collects
 # the tools it is told of (never pid 1, the signer, itself or the signer's group
-# id). When every writer is gone (the signer and the tools ended) and no tool it
-# was told of runs, it kills what is left of each told tool's process group (a
-# helper that closed the pipe; only while the leader is gone or still the told
-# tool) and ends. What it does only then is defined only then: a bash that is
+# id). When every writer is gone (the signer and the tools ended), it looks every
+# 100 ms until no tool it was told of runs (a tool may still be exiting, or run on
+# without the pipe; at the kill time it is killed), then kills what is left of each
+# told tool's process group (a helper that closed the pipe; only while the leader is
+# gone or still the told tool) and ends. What it does only then is defined only then: a bash that is
 # released before (the normal case) never parses it.
 # From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms
 # until the pipe is closed: the group of each tool it was told of whose leader still runs
@@ -124,13 +125,14 @@ orphans() {
   done
 }
 if [[ $eof ]]; then
-  running || { orphans; exit 0; }
-  read -r up _ < /proc/uptime; left=$(( end - 10#${up/./} * 10000 ))
-  if (( left > 0 )); then
+  while running; do
+    read -r up _ < /proc/uptime; left=$(( end - 10#${up/./} * 10000 ))
+    (( left > 0 )) || { kill_tools; exit 0; }
+    (( left > 100000 )) && left=100000
     printf -v wait '%d.%06d' $(( left / 1000000 )) $(( left % 1000000 ))
     read -r -t "$wait" _ <&4
-  fi
-  kill_tools
+  done
+  orphans
   exit 0
 fi
 while :; do
