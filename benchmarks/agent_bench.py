@@ -144,7 +144,7 @@ def in_agent_throughput(module, env, count, size):
     from lap_pkcs11.per_signature import config as configuration
     from lap_pkcs11.agent.metrics import Metrics
     from lap_pkcs11.backends.pkcs11_session import TokenSession
-    from lap_pkcs11.per_signature.signer import Secret
+    from lap_pkcs11.agent.cli import Secret
 
     config = configuration.resolve({"module": module, "token_label": LABEL, "key_id": "01"},
                                    {})
