@@ -1365,8 +1365,8 @@ selector_args() {
 # left, as setsid -- timeout -s KILL SECONDS pkcs11-tool (Python's backend keeps
 # the same times with a watchdog of its own instead): coreutils timeout leads a
 # session and process group of its own (no terminal to prompt on) and KILLs that
-# whole group, a module's helper processes included, BACKSTOP_MS after kill_at. While we live we kill it ourselves at
-# kill_at; when a caller SIGKILLs us, the run is not cut inside a login (which
+# whole group, a module's helper processes included, BACKSTOP_MS after kill_at.
+# While we live we kill it ourselves at kill_at; when a caller SIGKILLs us, the run is not cut inside a login (which
 # would empty SoftHSM2's token file), and still nothing outlives our kill_at.
 # OUT "base64": the tool's stdout goes through base64 (running while the tool
 # does) into SIG_FD, its stderr into the watch pipe we read here. Otherwise (a
@@ -1464,21 +1464,19 @@ child_env() {
   export "$PIN_ENV=$PIN_VALUE" 2>/dev/null || true
 }
 
-# tool_exited: the leader (timeout) has exited though a helper of the tool may
-# still hold the watch pipe open.
-tool_exited() {
-  local state=""
-  [[ -e /proc/$TOOL_PID ]] || return 0
-  { IFS=' ' read -r _ _ state _ < "/proc/$TOOL_PID/stat"; } 2>/dev/null || return 0
-  [[ $state == Z ]]
-}
-
 # stat_of PID: the fields of /proc/PID/stat after the command name, into STAT_FIELDS.
 stat_of() {
   local stat=""
   { IFS= read -r -d '' stat < "/proc/$1/stat"; } 2>/dev/null || true
   [[ $stat == *") "* ]] || return 1
   read -r -a STAT_FIELDS <<< "${stat##*) }"
+}
+
+# tool_exited: the leader (timeout) has exited though a helper of the tool may
+# still hold the watch pipe open.
+tool_exited() {
+  stat_of "$TOOL_PID" || return 0
+  [[ ${STAT_FIELDS[0]} == Z ]]
 }
 
 # kill_holders FD: SIGKILL every other process, started since the tool's chain, that

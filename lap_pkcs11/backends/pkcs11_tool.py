@@ -45,21 +45,22 @@ BACKSTOP_SLACK_MS = 20
 # "NONCE PID STARTTIME" into it (what follows the nonce's last appearance in a line
 # counts: a tool may have left a line of its own without its end). fd 4: a pipe
 # only the watchdog itself writes to (fd 5), to wait on. $1: microseconds until
-# the kill; $2: the nonce; $3: the signer's process group. Until then it collects
-# the tools it is told of (never pid 1, the signer, itself or the signer's group
-# id). When every writer is gone (the signer and the tools ended), it looks every
-# 100 ms until no tool it was told of runs (a tool may still be exiting, or run on
-# without the pipe; at the kill time it is killed), then kills what is left of each
-# told tool's process group (a helper that closed the pipe; only while the leader is
-# gone or still the told tool) and ends. What it does only then is defined only then: a bash that is
-# released before (the normal case) never parses it.
+# the kill; $2: the nonce; $3: the signer's process group.
+# Until then it collects the tools it is told of (never pid 1, the signer, itself
+# or the signer's group id). When every writer is gone (the signer and the tools
+# ended), it looks every 100 ms until no tool it was told of runs (a tool may
+# still be exiting, or run on without the pipe; at the kill time it is killed),
+# then kills what is left of each told tool's process group (a helper that closed
+# the pipe; only while the leader is gone or still the told tool) and ends. What
+# it does only then is defined only then: a bash that is released before (the
+# normal case) never parses it.
 # From the kill time on (the signer is gone or stuck) it SIGKILLs, every 100 ms
-# until the pipe is closed: the group of each tool it was told of whose leader still runs
-# with the start time it was told (a pid, or a group id, may belong to another
-# process by now); and every process started since the watchdog that holds the pipe
-# as WATCHDOG_FD, with its group when the group's leader started since too (an older
-# holder got the descriptor passed by a tool: it is no tool's leftover), but never
-# the signer ($PPID) or the signer's group. Its clock is the
+# until the pipe is closed: the group of each tool it was told of whose leader
+# still runs with the start time it was told (a pid, or a group id, may belong to
+# another process by now); and every process started since the watchdog that
+# holds the pipe as WATCHDOG_FD, with its group when the group's leader started
+# since too (an older holder got the descriptor passed by a tool: it is no tool's
+# leftover), but never the signer ($PPID) or the signer's group. Its clock is the
 # boot time (/proc/uptime, 10 ms steps), which a wall-clock step cannot move.
 # It starts no process of its own (read and kill are builtins): killing it leaves
 # no orphan behind.
@@ -157,17 +158,11 @@ HOLDER_WAIT_MS = 20
 
 
 def _stat_fields(pid):
-    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    """``process.stat_fields(pid)``, or None when the process is gone (or unreadable)."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
+        return process.stat_fields(pid)
     except (OSError, IndexError):
         return None
-    finally:
-        os.close(fd)
 
 
 def _kill_holders(probe, watchdog, until):
@@ -204,11 +199,12 @@ def _kill_holders(probe, watchdog, until):
             except OSError:
                 continue
             if (info.st_dev, info.st_ino) == (pipe.st_dev, pipe.st_ino):
-                leader = _stat_fields(int(fields[2]))
+                its_group = int(fields[2])
+                leader = _stat_fields(its_group)
                 try:
-                    if int(fields[2]) not in (group, 0) and leader is not None and \
+                    if its_group not in (group, 0) and leader is not None and \
                             int(leader[19]) >= since:
-                        os.killpg(int(fields[2]), _SIGKILL)
+                        os.killpg(its_group, _SIGKILL)
                     os.kill(int(entry), _SIGKILL)
                 except OSError:
                     pass

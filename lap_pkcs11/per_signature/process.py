@@ -139,14 +139,20 @@ def harden():
     return closed
 
 
-def start_ticks(pid="self"):
-    """Field 22 of /proc/PID/stat, the process's start time in clock ticks since boot
-    (bytes; what follows the last ")", so that no command name can shift it)."""
+def stat_fields(pid="self"):
+    """The fields of /proc/PID/stat from the state on (field 3 is [0]), as bytes: what
+    follows the last ")", so that no command name can shift them. OSError when there
+    is no such process."""
     fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19]
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
     finally:
         os.close(fd)
+
+
+def start_ticks(pid="self"):
+    """Field 22 of /proc/PID/stat, the process's start time in clock ticks since boot."""
+    return stat_fields(pid)[19]
 
 
 def started_at():
@@ -387,32 +393,25 @@ def write_stderr(text):
         pass
 
 
-def start(started=None):
-    """Harden the process (``harden``) and count its start from the kernel's
-    clock: the caller's deadline runs from before it started us. Return (start,
-    the standard descriptors that were closed); a failure raises SignerError."""
+def begin(started, streams, refusal):
+    """How every per-signature command begins: harden the process (``harden``), count
+    its start from the kernel's clock (the caller's deadline runs from before it
+    started us), and refuse to go on when one of ``streams`` (standard descriptors the
+    command needs) was closed, ``refusal`` saying why. Return (start time, None), or
+    (None, the exit code) once the one line is on stderr."""
+    failure = None
     try:
         closed = harden()
     except (OSError, ImportError) as err:  # e.g. no descriptor left to load a module with
-        raise errors.SigningFailed(f"the process cannot be prepared ({err}); nothing was "
-                                   "signed") from None
-    return min(started or time.monotonic(), started_at()), closed
-
-
-def begin(started, streams, refusal):
-    """``start``, then refuse to go on when one of ``streams`` (standard descriptors the
-    command needs) was closed, ``refusal`` saying why: (start time, None), or (None, the
-    exit code) once the one line is on stderr. Every per-signature command begins so."""
-    try:
-        started, closed = start(started)
-    except errors.SignerError as err:
-        write_stderr(err.line() + "\n")
-        return None, err.exit_code
-    if closed & set(streams):
-        failure = errors.SigningFailed(refusal)
+        failure = errors.SigningFailed(f"the process cannot be prepared ({err}); nothing was "
+                                       "signed")
+    else:
+        if closed & set(streams):
+            failure = errors.SigningFailed(refusal)
+    if failure is not None:
         write_stderr(failure.line() + "\n")
         return None, failure.exit_code
-    return started, None
+    return min(started or time.monotonic(), started_at()), None
 
 
 def answer(code, out, err):
