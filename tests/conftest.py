@@ -219,7 +219,8 @@ PUBLIC_MODULES_ONLY = f"""
 import builtins, sys
 real_import = builtins.__import__
 def only_public(name, globals=None, locals=None, fromlist=(), level=0):
-    if name in {PRIVATE_MODULES!r} and (globals or {{}}).get("__name__", "").startswith("lap_pkcs11"):
+    importer = (globals or {{}}).get("__name__", "")
+    if name in {PRIVATE_MODULES!r} and importer.startswith("lap_pkcs11"):
         raise ImportError(f"{{name}} is refused, to test the fallback to the public module")
     return real_import(name, globals, locals, fromlist, level)
 builtins.__import__ = only_public

@@ -181,7 +181,8 @@ BY_PREFIX = [("module_", "MODULE_LOAD_FAILED"), ("conf_", "MODULE_LOAD_FAILED"),
              ("mech_sha256_hmac_", "SIGNING_FAILED"), ("uninit_slot", "TOKEN_NOT_FOUND"),
              ("empty_tokendir_", "TOKEN_NOT_FOUND"), ("list_objects_uninit", "TOKEN_NOT_FOUND"),
              ("token_label_missing", "TOKEN_NOT_FOUND"), ("slot_", "TOKEN_NOT_FOUND"),
-             ("list_objects_token_label", "TOKEN_NOT_FOUND"), ("list_objects_slot_", "TOKEN_NOT_FOUND"),
+             ("list_objects_token_label", "TOKEN_NOT_FOUND"),
+             ("list_objects_slot_", "TOKEN_NOT_FOUND"),
              ("key_absent", "KEY_NOT_FOUND"), ("key_", "MECHANISM_UNSUPPORTED"),
              ("mech_", "MECHANISM_UNSUPPORTED"), ("input_10", "MECHANISM_UNSUPPORTED")]
 # Phrases SoftHSM2 2.6.1 with these pkcs11-tool versions never prints (so no recording
