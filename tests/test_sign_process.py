@@ -35,6 +35,19 @@ def recorded(record, key):
             if line.startswith(key + "=")]
 
 
+def test_a_per_signature_command_ends_without_finalising_yet_flushes():
+    """entry.ended (how sign, client and serve end): what Python's own streams still
+    hold goes out, the exit code is kept, and nothing registered at exit runs."""
+    code = ("import atexit, sys\n"
+            "from lap_pkcs11.entry import ended\n"
+            "atexit.register(lambda: print('finalised'))\n"
+            "sys.stdout.write('out')\n"
+            "sys.stderr.write('err')\n"
+            "ended(75)\n")
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (75, b"out", b"err")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_signer_takes_pkcs11_tool_with_it(signer, keyed, sig):
     """FAKE tool (a hang, with a helper in its process group): the gateway SIGKILLs a late
