@@ -74,7 +74,18 @@ def installed_differences():
 
 def pytest_sessionstart(session):
     """Refuse to test an installed copy that is not this tree (an edit not installed
-    yet, or a stale file a build left behind): the CLI tests would test the old code."""
+    yet, or a stale file a build left behind): the CLI tests would test the old code.
+
+    A suite started in the background by a non-interactive shell (``cmd &``) inherits
+    SIGINT and SIGQUIT ignored, and so would every signer it starts: bash cannot trap
+    a signal ignored at its entry, so the shell mirror's signal tests would see it
+    sign on. The signers under test get the default back, as a caller gives them."""
+    import signal
+
+    for signum, handler in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGQUIT, signal.SIG_DFL)):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, handler)
     differences = installed_differences()
     if differences:
         pytest.exit(f"the installed lap-pkcs11 ({sys.executable}) is not this tree: "
