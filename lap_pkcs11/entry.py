@@ -44,12 +44,13 @@ def ended(code):
     Its answer went out through ``os.write`` before ``main`` returned, pkcs11-tool
     and the watchdog were reaped (a watchdog left to its kill time outlives us
     either way), and it registers nothing to run at exit: the kernel closes what
-    is left, which also releases the token lock. Python's own streams are flushed first, should anything
-    (a ``--debug`` traceback) have written to them.
+    is left, which also releases the token lock. Python's stderr is flushed first;
+    its stdout buffer is not, since stdout holds the answer alone. So nothing runs
+    at exit here: a profiler or a coverage hook started from ``sitecustomize``
+    writes no results for these commands.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
     os._exit(code)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from test_sign_errors import fake
 from test_sign_process import recorded, wait_for
 
 MESSAGE = b"\x00lap hardening\x00" * 8
+LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 WRONG = "135790"
 CASES = json.loads((ROOT / "tests" / "envfile_cases.json").read_text())
 SHELL_ONLY = pytest.mark.skipif("shell" not in IMPLEMENTATIONS, reason="no shell mirror")
@@ -262,6 +264,43 @@ def test_a_broken_stderr_keeps_the_exit_code(signer, keyed):
             assert result.stdout == b""
         else:
             verify(public, MESSAGE, gateway_decode(result.stdout))
+
+
+@pytest.mark.parametrize("stderr_closed", [False, True])
+def test_a_debug_traceback_goes_to_stderr_never_to_stdout(keyed, stderr_closed):
+    """An internal error (a bug planted in the signer) with --debug: the traceback and
+    the one line on stderr; with stderr closed from the start, stdout still stays
+    empty (the traceback once went through print(), to stdout, when sys.stderr was
+    None)."""
+    token, _ = keyed
+    code = ("import sys\n"
+            "from lap_pkcs11.per_signature import sign_command\n"
+            "def planted(*args):\n"
+            "    raise RuntimeError('planted bug')\n"
+            "sign_command.sign = planted\n"
+            "from lap_pkcs11.entry import main\n"
+            "sys.argv = ['lap-pkcs11', 'sign', '--debug', *sys.argv[1:]]\n"
+            "main()\n")
+    argv = [sys.executable, "-I", "-c", code, *token.args()]
+    if stderr_closed:
+        argv = ["bash", "-c", 'exec 2>&-; exec "$@"', "bash", *argv]
+    result = subprocess.run(argv, input=MESSAGE, env=token.env, cwd=token.home,
+                            capture_output=True, timeout=60)
+    assert (result.returncode, result.stdout) == (70, b"")
+    if not stderr_closed:
+        assert b"RuntimeError: planted bug" in result.stderr
+        assert result.stderr.endswith(b"lap-pkcs11: SIGNING_FAILED: internal error "
+                                      b"(RuntimeError); rerun with --debug and report it\n")
+
+
+def test_serve_help_on_a_full_stdout_is_one_line():
+    """Before: a traceback and exit 1 (serve --help wrote before the command's set-up)."""
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([LAP, "serve", "--help"], stdout=full, stderr=subprocess.PIPE,
+                                timeout=60)
+    assert result.returncode == 70
+    assert result.stderr.startswith(b"lap-pkcs11: SIGNING_FAILED: stdout cannot be written (")
+    assert result.stderr.count(b"\n") == 1
 
 
 # --- What the signer inherits ------------------------------------------------------------

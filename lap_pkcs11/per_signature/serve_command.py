@@ -19,7 +19,7 @@ from lap_pkcs11.per_signature import config as configuration
 from lap_pkcs11.per_signature import errors, process, wire
 from lap_pkcs11.per_signature.options import BY_ATTR
 from lap_pkcs11.per_signature.sign_command import parse_args, run
-from lap_pkcs11.per_signature.process import begin, write_stderr, write_stdout
+from lap_pkcs11.per_signature.process import answer, begin, write_stderr, write_stdout
 
 # What serve reads after answering early (e.g. a bad configuration, before the
 # payload was read), so that closing does not reset the client's connection
@@ -138,8 +138,7 @@ Sign one framed request on stdin/stdout, the connection systemd hands over
 def main(args, started=None):
     """Serve one connection on stdin/stdout; return 0 (the outcome travels in the response)."""
     if any(arg in ("-h", "--help") for arg in args):
-        write_stdout(USAGE.encode())
-        return 0
+        return answer(0, USAGE.encode(), "")
     started, code = begin(started, (0, 1), "serve has no connection on stdin and stdout; it "
                           "is started by lap-pkcs11-signer.socket")
     if code is not None:

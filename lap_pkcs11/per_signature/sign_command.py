@@ -117,10 +117,10 @@ def run(args, started, read=None, caller_deadline=None, caller_end=None, announc
     except errors.SignerError as err:
         return err.exit_code, b"", "" if announce.done else err.line() + "\n"
     except Exception as err:  # A bug must still fail closed, in one line.
-        if debug:
+        if debug:  # on fd 2, which begin() opened: never stdout, even with stderr closed
             import traceback
 
-            traceback.print_exc()
+            write_stderr(traceback.format_exc())
         failure = errors.SigningFailed(
             f"internal error ({type(err).__name__}); rerun with --debug and report it")
         return failure.exit_code, b"", "" if announce.done else failure.line() + "\n"
