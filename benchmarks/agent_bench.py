@@ -37,29 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-           "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
-PIN = "246813"
-LABEL = "lap-bench"
-
-
-def provision(home):
-    module = next(path for path in MODULES if os.path.exists(path))
-    (home / "tokens").mkdir()
-    conf = home / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("LAP_", "SIGNER_", "PKCS11", "OPENSC"))}
-    env.update(SOFTHSM2_CONF=str(conf), PKCS11_PIN=PIN, XDG_RUNTIME_DIR=str(home))
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--so-pin",
-                    "97531864", "--pin", PIN], env=env, check=True, capture_output=True)
-    tool = ["pkcs11-tool", "--module", module, "--token-label", LABEL, "--login", "--pin",
-            "env:PKCS11_PIN"]
-    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "01",
-                    "--label", "bench"], env=env, check=True, capture_output=True)
-    return module, env, tool
-
+from sign_bench import LABEL, PIN, provision
 
 def start_agent(home, module, env, bin_dir):
     path = home / "agent.sock"

@@ -21,32 +21,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 import time
+from pathlib import Path
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+from sign_bench import LABEL, provision
+
 
 
 def main(argv):
     rounds = int(argv[0])
     home = Path(tempfile.mkdtemp(prefix="lap-compare-"))
-    (home / "tokens").mkdir()
-    (home / "run").mkdir(mode=0o700)
-    conf = home / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAP_", "SIGNER_"))}
-    env.update(SOFTHSM2_CONF=str(conf), PKCS11_PIN="246813", XDG_RUNTIME_DIR=str(home / "run"))
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "b", "--so-pin", "1234",
-                    "--pin", "246813"], env=env, check=True, capture_output=True)
-    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "b", "--login", "--pin",
-            "env:PKCS11_PIN"]
-    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "01"],
-                   env=env, check=True, capture_output=True)
+    module, env, tool = provision(home)
     message = os.urandom(700)
     (home / "msg").write_bytes(message)
     stdin = base64.b64encode(message) + b"\n"
-    args = ["sign", "--module", MODULE, "--token-label", "b", "--key-id", "01", "--input",
+    args = ["sign", "--module", module, "--token-label", LABEL, "--key-id", "01", "--input",
             "base64"]
     variants = {"bare": ([*tool, "--sign", "--mechanism", "EDDSA", "--id", "01",
                           "--input-file", str(home / "msg")], None)}

@@ -25,110 +25,38 @@ per configuration and the ratio to the in-process key. Nothing is asserted.
 """
 
 import argparse
-import fcntl
-import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from agent_bench import LABEL, compiled_client, provision, start_agent  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from agent_bench import compiled_client, start_agent  # noqa: E402
+from sign_bench import LABEL, provision  # noqa: E402
+from gateway_harness import (ARCHIVE_PATTERN, ToolServer, evidence, free_port,  # noqa: E402
+                             gateway_archive, install_gateway)
 
 API_KEY, AGENT_ID = "bench-key-1", "bench_agent"
-ARCHIVE_PATTERN = "lattice-audit-protocol-*.tar.xz"
 HEALTH_SECONDS = 60
 
 
 def gateway_install():
     """The gateway's bin directory: the cached venv of tests/test_gateway_e2e.py, or a new one."""
-    archive = None
-    for folder in (ROOT.parent / "shared" / "lap", os.environ.get("LAP_GATEWAY_SRC_DIR")):
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob(ARCHIVE_PATTERN))
-            archive = found[-1] if found else archive
+    archive = gateway_archive()
     if archive is None:
         sys.exit(f"the gateway's archive ({ARCHIVE_PATTERN}) is in neither ../shared/lap nor "
                  "$LAP_GATEWAY_SRC_DIR")
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("LAP_TEST_GATEWAY_CACHE", "/var/tmp/lap-pkcs11-gateway"))
-    cache.mkdir(parents=True, exist_ok=True)
-    home = cache / f"{digest}-py{sys.version_info[0]}{sys.version_info[1]}"
-    with open(cache / f"{home.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (home / "ready").exists():
-            shutil.rmtree(home, ignore_errors=True)
-            (home / "src").mkdir(parents=True)
-            subprocess.run(["tar", "-xJf", archive, "-C", home / "src"], check=True)
-            source = next(path for path in (home / "src").iterdir() if path.is_dir())
-            subprocess.run([sys.executable, "-m", "venv", home / "venv"], check=True)
-            subprocess.run([home / "venv" / "bin" / "python", "-m", "pip", "install", "-q",
-                            "--disable-pip-version-check", f"{source}[gateway]"], check=True,
-                           timeout=900)
-            (home / "ready").write_text(f"{archive.name} {digest}\n")
-    return home / "venv" / "bin"
-
-
-class ToolServer:
-    """The tool behind the gateway, on 127.0.0.1: answers every POST with what it got."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                size = int(self.headers.get("Content-Length") or 0)
-                body = json.dumps({"ok": True, "received": json.loads(self.rfile.read(size) or
-                                                                      b"{}")}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def evidence(action_id):
-    """Evidence the gateway approves at T2 (as its own demo sends)."""
-    return {
-        "action_id": action_id,
-        "description": "lap-pkcs11 gateway benchmark action; long enough to pass the evidence "
-                       "quality minimum of the gateway.",
-        "timestamp_utc": "2026-01-13T00:00:00Z",
-        "irreversibility": {"score": 0.35, "reversibility_plan": "Nothing outside the benchmark "
-                                                                "changes."},
-        "outcome_delta": {"summary": "A local echo tool; no side effects."},
-        "necessity_confidence": 0.9, "novelty_loss_estimate": 0.0, "novelty_method": "none",
-        "suffering_risk_estimate": 0.1, "suffering_method": "heuristic",
-        "provenance": {"benchmark": True}, "alternatives": [{"description": "Skip the call."}],
-        "attestations": [],
-    }
+    return install_gateway(archive) / "venv" / "bin"
 
 
 class Gateway:
@@ -180,7 +108,7 @@ class Gateway:
     def tool_call(self):
         """evaluate, then invoke with the capability token: three signatures."""
         self.count += 1
-        status, decision = self.call("POST", "/v1/evaluate", evidence(f"BENCH_{self.count}"),
+        status, decision = self.call("POST", "/v1/evaluate", evidence(f"BENCH_{self.count}", "benchmark"),
                                      self.session)
         if status != 200 or decision.get("outcome") != "approve":
             sys.exit(f"{self.name}: evaluate failed: {status} {decision}")

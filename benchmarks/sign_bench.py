@@ -29,29 +29,35 @@ LABEL = "lap-bench"
 
 
 def provision(home):
+    """A SoftHSM2 token in ``home`` with one Ed25519 key (id 01): (module, environment
+    without the caller's LAP_/SIGNER_/PKCS11/OPENSC variables, pkcs11-tool's argv
+    logged in to it). The benchmarks of this folder share it."""
     module = next(path for path in MODULES if os.path.exists(path))
     (home / "tokens").mkdir()
     conf = home / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n"
                     "log.level = ERROR\n")
-    env = dict(os.environ, SOFTHSM2_CONF=str(conf), PKCS11_PIN=PIN,
-               XDG_RUNTIME_DIR=str(home))
-    for name in ("LAP_GATEWAY_PUBLIC_KEY_HEX", "SIGNER_TIMEOUT_SECONDS",
-                 "LAP_GATEWAY_SIGNING_CMD_TIMEOUT_SECONDS"):
-        env.pop(name, None)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("LAP_", "SIGNER_", "PKCS11", "OPENSC"))}
+    env.update(SOFTHSM2_CONF=str(conf), PKCS11_PIN=PIN, XDG_RUNTIME_DIR=str(home))
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--so-pin",
                     "97531864", "--pin", PIN], env=env, check=True, capture_output=True)
     tool = ["pkcs11-tool", "--module", module, "--token-label", LABEL, "--login", "--pin",
             "env:PKCS11_PIN"]
     subprocess.run([*tool, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "01",
                     "--label", "bench"], env=env, check=True, capture_output=True)
-    listing = subprocess.run([*tool, "--list-objects", "--type", "pubkey"], env=env, check=True,
-                             capture_output=True, text=True).stdout
-    # The package's own parser reads every OpenSC's listing (0.27 prints "EC Point:", wrapped).
+    return module, env, tool
+
+
+def public_key_hex(tool, env):
+    """The key's public key, read by the package's own listing parser (0.27 prints
+    "EC Point:", wrapped)."""
     from lap_pkcs11.backends.pkcs11_tool import parse_objects
 
+    listing = subprocess.run([*tool, "--list-objects", "--type", "pubkey"], env=env, check=True,
+                             capture_output=True, text=True).stdout
     (key,) = [obj for obj in parse_objects(listing) if obj.kind == "public key" and obj.id == "01"]
-    return module, env, tool, key.public_key().hex()
+    return key.public_key().hex()
 
 
 def start_socket_signer(home, module, env, bin_dir):
@@ -129,7 +135,8 @@ def main():
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory(prefix="lap-bench-") as folder:
         home = Path(folder)
-        module, env, tool, public_hex = provision(home)
+        module, env, tool = provision(home)
+        public_hex = public_key_hex(tool, env)
         message_file = home / "message"
         message_file.write_bytes(os.urandom(args.size))
         server, socket_path = start_socket_signer(home, module, env, bin_dir)

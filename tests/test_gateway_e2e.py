@@ -16,31 +16,26 @@ process signs again once the fault is gone.
 """
 
 import base64
-import fcntl
-import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, tool_program
+from gateway_harness import (ARCHIVE_PATTERN, ToolServer, evidence, free_port, gateway_archive,
+                             install_gateway)
 from lap_pkcs11.per_signature import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
 README = ROOT / "README.md"
-ARCHIVE_PATTERN = "lattice-audit-protocol-*.tar.xz"
 API_KEY, AGENT = "e2e-key-1", "e2e_agent"
 # What the README's examples name, and what this test puts in their place.
 README_LAP = "/opt/lap-pkcs11/.venv/bin/lap-pkcs11"
@@ -48,16 +43,6 @@ README_SIGNER_ENV = "/etc/lap-pkcs11/signer.env"
 HEALTH_SECONDS = 60
 # RFC 8032 test 1's public key: a valid key that signed none of this test's artifacts.
 OTHER_KEY = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
-
-
-def gateway_archive():
-    """The gateway's source archive: beside the clone, else in $LAP_GATEWAY_SRC_DIR."""
-    for folder in (ROOT.parent / "shared" / "lap", os.environ.get("LAP_GATEWAY_SRC_DIR")):
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob(ARCHIVE_PATTERN))
-            if found:
-                return found[-1]
-    return None
 
 
 class Install:
@@ -76,55 +61,7 @@ def gateway():
     if archive is None:
         pytest.skip(f"the LAP gateway's archive ({ARCHIVE_PATTERN}) is in neither "
                     f"{ROOT.parent / 'shared' / 'lap'} nor $LAP_GATEWAY_SRC_DIR")
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("LAP_TEST_GATEWAY_CACHE", "/var/tmp/lap-pkcs11-gateway"))
-    cache.mkdir(parents=True, exist_ok=True)
-    home = cache / f"{digest}-py{sys.version_info[0]}{sys.version_info[1]}"
-    with open(cache / f"{home.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs build it once
-        if not (home / "ready").exists():
-            shutil.rmtree(home, ignore_errors=True)
-            (home / "src").mkdir(parents=True)
-            subprocess.run(["tar", "-xJf", archive, "-C", home / "src"], check=True)
-            source = next(path for path in (home / "src").iterdir() if path.is_dir())
-            subprocess.run([sys.executable, "-m", "venv", home / "venv"], check=True)
-            pip = subprocess.run([home / "venv" / "bin" / "python", "-m", "pip", "install", "-q",
-                                  "--disable-pip-version-check", f"{source}[gateway]"],
-                                 capture_output=True, text=True, timeout=900)
-            assert pip.returncode == 0, f"installing the gateway failed:\n{pip.stderr[-3000:]}"
-            (home / "ready").write_text(f"{archive.name} {digest}\n")
-    return Install(home)
-
-
-class ToolServer:
-    """The tool behind the gateway: answers every POST with what it got, counts calls."""
-
-    def __init__(self):
-        self.calls = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                size = int(self.headers.get("Content-Length") or 0)
-                body = json.dumps({"ok": True, "received": json.loads(self.rfile.read(size) or b"{}")})
-                owner.calls += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return Install(install_gateway(archive))
 
 
 @pytest.fixture
@@ -132,12 +69,6 @@ def tool_server():
     server = ToolServer()
     yield server
     server.close()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RunningGateway:
@@ -188,23 +119,6 @@ class RunningGateway:
                 self.process.wait(10)
 
 
-def evidence(action_id):
-    """Evidence the gateway approves at T2 (as its own demo sends)."""
-    return {
-        "action_id": action_id,
-        "description": "lap-pkcs11 end-to-end test action; long enough to pass the evidence "
-                       "quality minimum of the gateway.",
-        "timestamp_utc": "2026-01-13T00:00:00Z",
-        "irreversibility": {"score": 0.35, "reversibility_plan": "Nothing outside the test "
-                                                                "changes; the test deletes it."},
-        "outcome_delta": {"summary": "A local echo tool; no side effects."},
-        "necessity_confidence": 0.9, "novelty_loss_estimate": 0.0, "novelty_method": "none",
-        "suffering_risk_estimate": 0.1, "suffering_method": "heuristic",
-        "provenance": {"test": True}, "alternatives": [{"description": "Skip the tool call."}],
-        "attestations": [],
-    }
-
-
 class Agent:
     """Drives the gateway as an agent does; keeps every token and receipt it got."""
 
@@ -217,7 +131,7 @@ class Agent:
 
     def evaluate(self):
         self.count += 1
-        status, body = self.gateway.call("POST", "/v1/evaluate", evidence(f"E2E_{self.count}"),
+        status, body = self.gateway.call("POST", "/v1/evaluate", evidence(f"E2E_{self.count}", "end-to-end test"),
                                          self.headers)
         assert status == 200, body
         return body
