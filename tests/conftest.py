@@ -77,15 +77,18 @@ def pytest_sessionstart(session):
     yet, or a stale file a build left behind): the CLI tests would test the old code.
 
     A suite started in the background by a non-interactive shell (``cmd &``) inherits
-    SIGINT and SIGQUIT ignored, and so would every signer it starts: bash cannot trap
-    a signal ignored at its entry, so the shell mirror's signal tests would see it
-    sign on. The signers under test get the default back, as a caller gives them."""
+    SIGINT and SIGQUIT ignored, under nohup SIGHUP, and so would every signer it
+    starts: bash cannot trap a signal ignored at its entry, so the shell mirror's
+    signal tests would see it sign on. The signals the signers note get their
+    defaults back, as a caller gives them."""
     import signal
 
-    for signum, handler in ((signal.SIGINT, signal.default_int_handler),
-                            (signal.SIGQUIT, signal.SIG_DFL)):
+    from lap_pkcs11.per_signature.process import SIGNALS
+
+    for signum in SIGNALS:
         if signal.getsignal(signum) == signal.SIG_IGN:
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
     differences = installed_differences()
     if differences:
         pytest.exit(f"the installed lap-pkcs11 ({sys.executable}) is not this tree: "
