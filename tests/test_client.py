@@ -705,6 +705,61 @@ def test_a_socket_that_is_not_there_is_signer_unavailable(tmp_path, run, what):
     assert "signer" in line
 
 
+class ResettingSigner:
+    """A FAKE signer that never reads: once a request is there it sends ``answer`` (or
+    nothing) and closes with the request unread, so that the client's next read after
+    the answer is ECONNRESET (what serve does when it answers a request too large to
+    read whole)."""
+
+    def __init__(self, path, answer):
+        self.path, self.answer = path, answer
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(30)
+                try:
+                    connection.recv(1, socket.MSG_PEEK)  # the request is there, unread
+                    if self.answer:
+                        connection.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("answered", [True, False])
+def test_a_signer_that_resets_the_connection(tmp_path, run, answered):
+    """ECONNRESET after a whole answer: the answer is taken like any other. ECONNRESET
+    with no answer: SIGNER_UNAVAILABLE, saying the signer reset the connection."""
+    server = ResettingSigner(tmp_path / "reset.sock", ok_frame(SIGNATURE) if answered else b"")
+    try:
+        result = run(server)
+    finally:
+        server.close()
+    if answered:
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert result.stdout == ok_frame(SIGNATURE).split(b"\n", 1)[1]
+    else:
+        line = assert_clean_failure(result, "SIGNER_UNAVAILABLE", 69)
+        assert "reset the connection" in line
+
+
 # ---- time ----------------------------------------------------------------------------
 
 def test_a_silent_signer_is_signer_unavailable_at_the_deadline(fake_signer, run):

@@ -54,6 +54,9 @@ def test_python_parser_reads_every_key(version, name):
             assert found[0].label == key["label"]
             if kind == "public key":
                 assert found[0].public_key().hex() == key["public_key_hex"]
+                # The curve is read too: pkcs11-tool writes "edwards25519", an import the OID.
+                assert found[0].ec_params == pkcs11_tool.ED25519_PARAMS[
+                    key["origin"] != "generated"], (version, key["id"])
             else:
                 assert "sensitive" in found[0].access
     if name == "all":

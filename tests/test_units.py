@@ -88,6 +88,12 @@ def test_parse_objects():
     raw.ec_params = "06032b6571"  # Ed448
     with pytest.raises(errors.MechanismUnsupported):
         raw.public_key()
+    raw.ec_params = None
+    # 34 bytes that are not an OCTET STRING of 32; an OCTET STRING of 31 or 33 bytes.
+    for point in ("0520" + "ab" * 32, "0421" + "ab" * 32, "0420" + "ab" * 31, "0420" + "ab" * 33):
+        raw.ec_point = point
+        with pytest.raises(errors.SigningFailed, match="not an Ed25519 point"):
+            raw.public_key()
 
 
 ENV_FILE_CORPUS = [

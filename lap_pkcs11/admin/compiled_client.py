@@ -16,7 +16,7 @@ build step, because:
   line and the gateway runs ``lap-pkcs11 client``, which has the same contract
   (``doctor`` and ``pubkey`` say which one is installed).
 
-After building, the binary's ``--help`` must be ``client_cli.USAGE`` byte for
+After building, the binary's ``--help`` must be ``client_command.USAGE`` byte for
 byte: a binary from another version of the source is never installed, and
 ``doctor`` reports one that differs.
 """

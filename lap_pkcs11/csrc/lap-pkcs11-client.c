@@ -6,8 +6,8 @@
  * millisecond, so what the gateway waits for is the start of the client. This is
  * that client without an interpreter: one C11 file, the C library only.
  *
- * The contract is lap_pkcs11/client_cli.py's, byte for byte: the same options and
- * environment, the same framing (lap_pkcs11/wire.py), the same checks of the
+ * The contract is lap_pkcs11/per_signature/client_command.py's, byte for byte: the same options and
+ * environment, the same framing (lap_pkcs11/per_signature/wire.py), the same checks of the
  * answer, the same one `lap-pkcs11: NAME: ...` line, exit codes and empty stdout
  * on every failure. The test suite runs every client contract test against both
  * and compares their stdout, stderr and exit codes. One thing it leaves out: with
@@ -96,7 +96,7 @@ static const char USAGE[] =
     "lap-pkcs11-client, the compiled client, leaves the pinned-key check to the\n"
     "signer: the agent verifies every signature against its pinned key.\n";
 
-/* ---- errors: lap_pkcs11/errors.py ---------------------------------------------- */
+/* ---- errors: lap_pkcs11/per_signature/errors.py -------------------------------------- */
 
 struct error_kind {
     const char *name;
@@ -138,7 +138,7 @@ __attribute__((format(printf, 2, 3))) static int fail(struct error_kind kind,
     return -1;
 }
 
-/* ---- time and signals ------------------------------------------------------------ */
+/* ---- time and signals ---------------------------------------------------------------- */
 
 static int64_t clock_ns(clockid_t clock)
 {
@@ -234,7 +234,7 @@ static int wait_for(int fd, short events, int64_t deadline, bool stop)
     }
 }
 
-/* ---- the process: lap_pkcs11/process.py ------------------------------------------ */
+/* ---- the process: lap_pkcs11/per_signature/process.py -------------------------------- */
 
 /* Open the standard descriptors that are closed on /dev/null; return which were. */
 static void open_standard_fds(bool closed[3])
@@ -345,9 +345,9 @@ static const char *write_all(int fd, const unsigned char *data, size_t size, int
     return why;
 }
 
-/* ---- text in lines ---------------------------------------------------------------- */
+/* ---- text in lines ------------------------------------------------------------------- */
 
-/* A path, option or user name as a line quotes it (client_cli.shown): each byte outside
+/* A path, option or user name as a line quotes it (client_command.shown): each byte outside
  * printable ASCII as "?", cut after MAX_SHOWN bytes with "...". */
 static const char *shown(char out[MAX_SHOWN + 4], const char *text, size_t size)
 {
@@ -398,7 +398,7 @@ static bool introduces(const unsigned char *data, size_t size, size_t i)
                               (data[i + 1] == C1_CSI || c1_string_introducer(data[i + 1])));
 }
 
-/* The index after the escape sequence that starts at data[i] (client_cli._skip_escape). */
+/* The index after the escape sequence that starts at data[i] (client_command._skip_escape). */
 static size_t skip_escape(const unsigned char *data, size_t size, size_t i)
 {
     bool csi;
@@ -434,7 +434,7 @@ static size_t skip_escape(const unsigned char *data, size_t size, size_t i)
     return i;
 }
 
-/* The signer's text as client_cli.failure_of passes it on: printable() (escape sequences
+/* The signer's text as client_command.failure_of passes it on: printable() (escape sequences
  * removed, control characters as spaces, other bytes outside printable ASCII as "?"),
  * words joined by one space, cut to MAX_LINE characters with "...". */
 static void printable(const unsigned char *data, size_t size, char out[MAX_LINE + 2])
@@ -472,7 +472,7 @@ static void printable(const unsigned char *data, size_t size, char out[MAX_LINE 
     out[length] = '\0';
 }
 
-/* ---- encodings -------------------------------------------------------------------- */
+/* ---- encodings ----------------------------------------------------------------------- */
 
 static int base64_value(unsigned char c)
 {
@@ -523,7 +523,7 @@ static bool one_signature(const unsigned char *body, size_t size)
     return false;
 }
 
-/* ---- options: client_cli.parse_args ----------------------------------------------- */
+/* ---- options: client_command.parse_args ---------------------------------------------- */
 
 enum { SOCKET, TIMEOUT_MS, INPUT, EXPECT_PUBLIC_KEY, SERVER_USER, OPTION_COUNT };
 static const char *const FLAGS[OPTION_COUNT] = {"--socket", "--timeout-ms", "--input",
@@ -730,7 +730,7 @@ static bool external_mode(const char *value)
            equals_lowered(value + start, end - start, "command");
 }
 
-/* sign_cli.check_gateway_input: the gateway's base64 must not be read as raw bytes. */
+/* config.check_gateway_input: the gateway's base64 must not be read as raw bytes. */
 static int check_gateway_input(const struct settings *settings)
 {
     static const char *const markers[] = {"LAP_GATEWAY_SIGNING_CMD", "LAP_GATEWAY_KEYSET_JSON",
@@ -842,10 +842,10 @@ static int parse_args(int argc, char **argv, struct settings *settings)
     return 0;
 }
 
-/* ---- the exchange: client_cli.exchange -------------------------------------------- */
+/* ---- the exchange: client_command.exchange ------------------------------------------- */
 
 /* Refuse a socket served by anyone but root, this user or --server-user (SO_PEERCRED):
- * client_cli.check_server. The name is resolved only when it is needed. */
+ * client_command.check_server. The name is resolved only when it is needed. */
 static int check_server(int fd, const char *where, const struct settings *settings)
 {
     struct ucred peer;
@@ -886,7 +886,7 @@ static int check_server(int fd, const char *where, const struct settings *settin
                 where, (unsigned)peer.uid, (int)peer.pid, (unsigned)euid, allowed);
 }
 
-/* An errno of the exchange as Python's exception classes sort it (client_cli.exchange). */
+/* An errno of the exchange as Python's exception classes sort it (client_command.exchange). */
 static int exchange_error(int error, const char *where, size_t received)
 {
     if (error == ETIMEDOUT)
@@ -979,7 +979,7 @@ static int exchange(const char *path, const struct settings *settings,
     return result;
 }
 
-/* ---- the answer: client_cli.check_answer ------------------------------------------ */
+/* ---- the answer: client_command.check_answer ----------------------------------------- */
 
 static bool digits_only(const unsigned char *text, size_t size)
 {
@@ -1028,7 +1028,7 @@ static int parse_response(const unsigned char *data, size_t size, int *code,
     return 0;
 }
 
-/* client_cli.failure_of: the error the signer answered, with its own line only when that
+/* client_command.failure_of: the error the signer answered, with its own line only when that
  * line is its name's. */
 static int failure_of(int code, const char *name, const unsigned char *body, size_t size)
 {
@@ -1070,14 +1070,14 @@ static int check_answer(const unsigned char *response, size_t size, size_t *body
     return 0;
 }
 
-/* ---- the run ---------------------------------------------------------------------- */
+/* ---- the run ------------------------------------------------------------------------- */
 
 /* The request: room for its header, then stdin; the response. Static: nothing is
  * allocated, and the limits are the buffers. */
 static unsigned char request[HEADER_ROOM + MAX_BODY + 1];
 static unsigned char response[MAX_RESPONSE + 1];
 
-/* sign_cli.read_stdin: up to limit + 1 bytes of stdin before the deadline. */
+/* process.read_stdin: up to limit + 1 bytes of stdin before the deadline. */
 static int read_stdin(unsigned char *into, size_t limit, int64_t deadline, size_t *size)
 {
     *size = 0;
@@ -1116,7 +1116,7 @@ static int run(int argc, char **argv, int64_t started, const unsigned char **out
     if (read_stdin(payload, MAX_BODY, deadline, &payload_size) < 0)
         return failure.code;
     if (settings.pinned && !settings.raw) {
-        /* As the Python client decodes it to check the signature (sign_cli.decode_base64). */
+        /* As the Python client decodes it to check the signature (process.decode_base64). */
         static const char whitespace[] = " \t\r\n\v\f";
         size_t start = 0, end = payload_size;
         while (start < end && payload[start] != '\0' && strchr(whitespace, payload[start]))
