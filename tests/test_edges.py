@@ -41,6 +41,62 @@ def test_stdin_in_many_small_writes_is_signed_whole(signer, keyed, encoding):
     verify(public, MESSAGE, gateway_decode(out))
 
 
+def test_one_byte_over_the_limit_after_a_pause_is_refused_not_cut(signer, keyed):
+    """1024 bytes, then after a pause the 1025th: MESSAGE_TOO_LARGE. A read loop that
+    stopped once it had 1024 bytes (``<`` for ``<=``) would sign the first 1024."""
+    token, _ = keyed
+    process = subprocess.Popen([*signer.argv, *token.args(), "--input", "raw"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=token.env, cwd=token.home)
+    process.stdin.write(MESSAGE)
+    process.stdin.flush()
+    time.sleep(0.3)
+    try:
+        process.stdin.write(b"!")
+        process.stdin.close()
+    except BrokenPipeError:  # it stopped reading at 1024 bytes: the failure checked below
+        pass
+    out, err = process.stdout.read(), process.stderr.read()
+    result = subprocess.CompletedProcess(process.args, process.wait(timeout=60), out, err)
+    assert_failure(result, "MESSAGE_TOO_LARGE", 65)
+
+
+def test_waiting_for_the_token_lock_does_not_spin(signer, keyed, tmp_path):
+    """A signer queued behind another's running pkcs11-tool (a FAKE slow token) sleeps
+    between its looks at the lock: its CPU over a 1.2 s wait stays far below the wait
+    (a poll of 0 ms instead of 2 would burn the whole second, 64 signers a core each)."""
+    token, _ = keyed
+    record, go = tmp_path / "record", tmp_path / "go"
+    env, args = fake(token, "wait-go", record)
+    env["FAKE_GO"] = str(go)
+    holder = subprocess.Popen([*signer.argv, *args, "--timeout-ms", "20000"], env=env,
+                              cwd=token.home, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    holder.stdin.write(b"first")
+    holder.stdin.close()
+    try:
+        assert wait_for(lambda: record.exists() and record.read_text()), "the tool never ran"
+        with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+            waiter = subprocess.Popen([*signer.argv, *args, "--timeout-ms", "1200"], env=env,
+                                      cwd=token.home, stdin=subprocess.PIPE, stdout=out,
+                                      stderr=err)
+            waiter.stdin.write(b"second")
+            waiter.stdin.close()
+            _, status, usage = os.wait4(waiter.pid, 0)
+            waiter.returncode = os.waitstatus_to_exitcode(status)
+        result = subprocess.CompletedProcess(waiter.args, waiter.returncode,
+                                             (tmp_path / "out").read_bytes(),
+                                             (tmp_path / "err").read_bytes())
+        assert_failure(result, "TIMEOUT", 75)
+        assert b"busy" in result.stderr  # it waited for the lock, not for the tool
+        assert usage.ru_utime + usage.ru_stime < 0.5, usage
+    finally:
+        go.touch()
+        holder.stdout.read()
+        holder.stderr.read()
+        holder.wait(timeout=60)
+
+
 def test_a_pin_file_with_a_crlf_line_end_is_the_pin(signer, keyed):
     token, public = keyed
     pin_file = token.home / "pin"
