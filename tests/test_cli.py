@@ -82,15 +82,27 @@ def test_completion_of_commands_and_options():
     assert lap(env=env).stdout.decode().split() == ["--json"]
 
 
-@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
-def test_completion_scripts(shell):
-    result = lap("--show-completion", shell)
-    assert result.returncode == 0 and b"_LAP_PKCS11_COMPLETE" in result.stdout
+# typer's switch that makes --show-completion take the shell's name; without it, the
+# script is the calling shell's (found among the parent processes), whatever is named.
+NAMED_SHELL = {"PATH": os.environ["PATH"], "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+
+
+@pytest.mark.parametrize("shell, marker", [
+    ("bash", b"complete -o default -F _lap_pkcs11_completion lap-pkcs11"),
+    ("zsh", b"#compdef lap-pkcs11"),
+    ("fish", b"complete --command lap-pkcs11"),
+])
+def test_completion_scripts(shell, marker):
+    """Each shell's own script (once the test ran without a shell among its parents, and
+    every shell's case printed bash's script, or none)."""
+    result = lap("--show-completion", shell, env=NAMED_SHELL)
+    assert result.returncode == 0, result.stderr
+    assert marker in result.stdout and b"_LAP_PKCS11_COMPLETE" in result.stdout
 
 
 def test_bash_completion_works_in_bash():
     """The script --show-completion prints, loaded into bash, completes a command."""
-    script = lap("--show-completion", "bash").stdout.decode()
+    script = lap("--show-completion", "bash", env=NAMED_SHELL).stdout.decode()
     probe = (script + '\nCOMP_WORDS=(lap-pkcs11 install-u); COMP_CWORD=1; '
              '_lap_pkcs11_completion lap-pkcs11; printf "%s\\n" "${COMPREPLY[@]}"')
     result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60,
