@@ -146,12 +146,15 @@ class FakeSigner:
     ``behaviour`` is bytes to answer, a function of the request returning them,
     ``"silent"`` (holds the connection until closed) or ``("trickle", bytes)``
     (sends one byte every 50 ms and never finishes). ``hold`` delays every answer
-    until ``release()``. Connections are served each in its own thread, the same way.
+    until ``release()``. With ``unread``, it answers as soon as a request is there and
+    closes without reading it. Connections are served each in its own thread, the
+    same way.
     """
 
-    def __init__(self, path, behaviour, hold=False):
+    def __init__(self, path, behaviour, hold=False, unread=False):
         self.path = path
         self.behaviour = behaviour
+        self.unread = unread
         self.requests = []
         self.connected = threading.Event()
         self.accepted = 0
@@ -191,7 +194,9 @@ class FakeSigner:
             connection.settimeout(30)
             request = b""
             try:
-                while chunk := connection.recv(65536):
+                if self.unread:
+                    connection.recv(1, socket.MSG_PEEK)  # there, and left unread
+                while not self.unread and (chunk := connection.recv(65536)):
                     request += chunk
             except OSError:
                 return
@@ -232,8 +237,8 @@ class FakeSigner:
 def fake_signer(tmp_path):
     servers = []
 
-    def start(behaviour, hold=False):
-        server = FakeSigner(tmp_path / f"fake{len(servers)}.sock", behaviour, hold)
+    def start(behaviour, hold=False, unread=False):
+        server = FakeSigner(tmp_path / f"fake{len(servers)}.sock", behaviour, hold, unread)
         servers.append(server)
         return server
 
@@ -705,53 +710,13 @@ def test_a_socket_that_is_not_there_is_signer_unavailable(tmp_path, run, what):
     assert "signer" in line
 
 
-class ResettingSigner:
-    """A FAKE signer that never reads: once a request is there it sends ``answer`` (or
-    nothing) and closes with the request unread, so that the client's next read after
-    the answer is ECONNRESET (what serve does when it answers a request too large to
-    read whole)."""
-
-    def __init__(self, path, answer):
-        self.path, self.answer = path, answer
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(4)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(30)
-                try:
-                    connection.recv(1, socket.MSG_PEEK)  # the request is there, unread
-                    if self.answer:
-                        connection.sendall(self.answer)
-                except OSError:
-                    pass
-
-    def close(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(10)
-
-
 @pytest.mark.parametrize("answered", [True, False])
-def test_a_signer_that_resets_the_connection(tmp_path, run, answered):
-    """ECONNRESET after a whole answer: the answer is taken like any other. ECONNRESET
-    with no answer: SIGNER_UNAVAILABLE, saying the signer reset the connection."""
-    server = ResettingSigner(tmp_path / "reset.sock", ok_frame(SIGNATURE) if answered else b"")
-    try:
-        result = run(server)
-    finally:
-        server.close()
+def test_a_signer_that_resets_the_connection(fake_signer, run, answered):
+    """A signer that answers (or not) and closes with the request unread, as serve does
+    with a request too large to read whole: the client's next read is ECONNRESET. After
+    a whole answer, the answer is taken like any other; with none, SIGNER_UNAVAILABLE
+    says that the signer reset the connection."""
+    result = run(fake_signer(ok_frame(SIGNATURE) if answered else b"", unread=True))
     if answered:
         assert (result.returncode, result.stderr) == (0, b"")
         assert result.stdout == ok_frame(SIGNATURE).split(b"\n", 1)[1]
