@@ -97,6 +97,21 @@ def test_waiting_for_the_token_lock_does_not_spin(signer, keyed, tmp_path):
         holder.wait(timeout=60)
 
 
+def test_an_executable_module_file_is_a_module(signer, keyed, tmp_path):
+    """Shared libraries are mode 0755 on some distributions (RHEL's /usr/lib64): the
+    regular-file check of --module must look at the file type alone, not at the
+    permission bits beside it."""
+    token, public = keyed
+    module = tmp_path / "libsofthsm2-0755.so"
+    module.write_bytes(open(token.module, "rb").read())
+    module.chmod(0o755)
+    args = [*token.args()]
+    args[args.index("--module") + 1] = str(module)
+    result = signer(args, MESSAGE, env=token.env, cwd=token.home)
+    assert result.returncode == 0, result.stderr
+    verify(public, MESSAGE, gateway_decode(result.stdout))
+
+
 def test_a_pin_file_with_a_crlf_line_end_is_the_pin(signer, keyed):
     token, public = keyed
     pin_file = token.home / "pin"
