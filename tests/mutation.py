@@ -89,6 +89,8 @@ EQUIVALENT = {
         "_kill_holders gives None for True only when the watchdog's stat cannot be read: "
         "it was reaped (Deadline.watching), so Deadline.watchdog is None already and the "
         "caller's 'if not searched: self.watchdog = None' changes nothing",
+    "lap_pkcs11/backends/pkcs11_tool.py:797:number:1":
+        "_object_kind keeps the first piece of line.split(';', 1): with 2 for 1, the same piece",
     "lap_pkcs11/backends/pkcs11_tool.py:258:number:1000":
         "in effect: the watchdog's backstop moves by 20 us (BACKSTOP_SLACK_MS / 1001); its "
         "clock, /proc/uptime, steps by 10 ms",
