@@ -293,6 +293,28 @@ def test_a_debug_traceback_goes_to_stderr_never_to_stdout(keyed, stderr_closed):
                                       b"(RuntimeError); rerun with --debug and report it\n")
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_bug_while_reading_the_options_shows_a_traceback_only_with_debug(keyed, debug):
+    """A bug planted in the option parser itself: --debug (seen before the parser ran)
+    decides the traceback; the one line comes either way."""
+    token, _ = keyed
+    code = ("import sys\n"
+            "from lap_pkcs11.per_signature import sign_command\n"
+            "def planted(*args):\n"
+            "    raise RuntimeError('planted bug')\n"
+            "sign_command.parse_args = planted\n"
+            "from lap_pkcs11.entry import main\n"
+            "sys.argv = ['lap-pkcs11', 'sign', *sys.argv[1:]]\n"
+            "main()\n")
+    argv = [sys.executable, "-I", "-c", code, *token.args(), *(["--debug"] if debug else [])]
+    result = subprocess.run(argv, input=MESSAGE, env=token.env, cwd=token.home,
+                            capture_output=True, timeout=60)
+    assert (result.returncode, result.stdout) == (70, b"")
+    assert (b"RuntimeError: planted bug" in result.stderr) == debug, result.stderr
+    assert result.stderr.endswith(b"lap-pkcs11: SIGNING_FAILED: internal error "
+                                  b"(RuntimeError); rerun with --debug and report it\n")
+
+
 def test_serve_help_on_a_full_stdout_is_one_line():
     """Before: a traceback and exit 1 (serve --help wrote before the command's set-up)."""
     with open("/dev/full", "wb") as full:
