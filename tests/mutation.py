@@ -255,7 +255,9 @@ def run_tests(copy, venv, tests, timeout):
                                  "-p", "no:cacheprovider", *tests], cwd=copy,
                                 capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL)
-        outcome = {0: "survived", 1: "killed"}.get(result.returncode, f"error {result.returncode}")
+        # 2 and 4: collection or conftest failed, the mutant breaks an import: no test can run.
+        outcome = {0: "survived", 1: "killed", 2: "killed (no test runs)",
+                   4: "killed (no test runs)"}.get(result.returncode, f"error {result.returncode}")
         # "FAILED tests/x.py::name[a parameter id] - the error"
         failed = [line.split(" ", 1)[1].split(" - ", 1)[0] for line in result.stdout.splitlines()
                   if line.startswith(("FAILED ", "ERROR "))]
