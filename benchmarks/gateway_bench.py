@@ -33,8 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from agent_bench import compiled_client, start_agent  # noqa: E402
 from sign_bench import LABEL, provision  # noqa: E402
 from gateway_harness import (ARCHIVE_PATTERN, ToolServer, evidence, free_port,  # noqa: E402
-                             gateway_archive, install_gateway)
+                             gateway_archive, install_gateway, request)
 
 API_KEY, AGENT_ID = "bench-key-1", "bench_agent"
 HEALTH_SECONDS = 60
@@ -95,21 +93,14 @@ class Gateway:
         self.count = 0
 
     def call(self, method, path, payload=None, headers=None, timeout=30):
-        data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Content-Type": "application/json", "X-Api-Key": API_KEY, "X-Agent-Id": AGENT_ID,
-            **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        return request(self.base, method, path, payload,
+                       {"X-Api-Key": API_KEY, "X-Agent-Id": AGENT_ID, **(headers or {})}, timeout)
 
     def tool_call(self):
         """evaluate, then invoke with the capability token: three signatures."""
         self.count += 1
-        status, decision = self.call("POST", "/v1/evaluate", evidence(f"BENCH_{self.count}", "benchmark"),
-                                     self.session)
+        status, decision = self.call("POST", "/v1/evaluate",
+                                     evidence(f"BENCH_{self.count}", "benchmark"), self.session)
         if status != 200 or decision.get("outcome") != "approve":
             sys.exit(f"{self.name}: evaluate failed: {status} {decision}")
         status, body = self.call("POST", "/v1/tools/http/invoke", {

@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -86,6 +88,18 @@ class ToolServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def request(base, method, path, payload=None, headers=None, timeout=60):
+    """One JSON request to the gateway at ``base``: (status, decoded body)."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    message = urllib.request.Request(base + path, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(message, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
 
 
 def free_port():

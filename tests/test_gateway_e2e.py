@@ -23,15 +23,13 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import FAKE_TOOL, ROOT, TEST_TOOL, USER_PIN, tool_program
 from gateway_harness import (ARCHIVE_PATTERN, ToolServer, evidence, free_port, gateway_archive,
-                             install_gateway)
+                             install_gateway, request)
 from lap_pkcs11.per_signature import envfile
 
 LAP = str(Path(sys.executable).parent / "lap-pkcs11")
@@ -99,15 +97,8 @@ class RunningGateway:
         return self.log_path.read_text(errors="replace")[-3000:]
 
     def call(self, method, path, payload=None, headers=None, timeout=60):
-        data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Content-Type": "application/json", "X-Api-Key": API_KEY, "X-Agent-Id": AGENT,
-            **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        return request(self.base, method, path, payload,
+                       {"X-Api-Key": API_KEY, "X-Agent-Id": AGENT, **(headers or {})}, timeout)
 
     def stop(self):
         if self.process.poll() is None:
@@ -131,7 +122,8 @@ class Agent:
 
     def evaluate(self):
         self.count += 1
-        status, body = self.gateway.call("POST", "/v1/evaluate", evidence(f"E2E_{self.count}", "end-to-end test"),
+        status, body = self.gateway.call("POST", "/v1/evaluate",
+                                         evidence(f"E2E_{self.count}", "end-to-end test"),
                                          self.headers)
         assert status == 200, body
         return body
