@@ -2,7 +2,8 @@
 """Mutation testing of the per-signature path: how many mutants of its modules the suite kills.
 
 Usage: .venv/bin/python tests/mutation.py [--sample N] [--seed S] [--module PATH ...]
-                                            [--work DIR] [--list] [--report FILE]
+           [--work DIR] [--list] [--report FILE] [--part K/N] [--only N,...] [--full]
+       .venv/bin/python tests/mutation.py --merge REPORT ...
 
 Run outside CI, as root (the suite's ordinary-user tests need it); a mutant
 runs part of the suite, so 60 mutants take about an hour on 2 cores.
@@ -20,11 +21,13 @@ The mutant is written into a scratch copy of this tree (``--work``, default
 CI tests it, so that the command-line tests run the mutant too. Then the test
 files that exercise that module (``TESTS``) run with ``-x``. A failure kills
 the mutant when the failed test fails again alone on the mutant and passes
-alone on the unmutated code (else the run is redone once, then "flaky"); a
-run over half an hour kills it too (a hang). A mutant that
-survives is a change the suite would not notice, unless it changes nothing
+alone on the unmutated code (else the run is redone once, then "flaky"; a
+test that fails on the unmutated code too is an "error"); a run over half an
+hour kills it too (a hang), and so does an import the mutant breaks. A mutant
+that survives is a change the suite would not notice, unless it changes nothing
 (an equivalent mutant): ``EQUIVALENT`` names those, each with why, and the
-score leaves them out. The score printed is killed / (mutants - equivalent).
+score leaves them out: killed / (mutants - equivalent), and a second time with
+the mutants equivalent only "in effect" counted as living.
 
 The sample is drawn with ``--seed`` from every mutant of the modules, so the
 same seed on the same tree gives the same mutants; ``--list`` prints them and
