@@ -266,6 +266,24 @@ def test_a_broken_stderr_keeps_the_exit_code(signer, keyed):
             verify(public, MESSAGE, gateway_decode(result.stdout))
 
 
+INTERNAL_ERROR = (b"lap-pkcs11: SIGNING_FAILED: internal error (RuntimeError); rerun with "
+                  b"--debug and report it\n")
+
+
+def with_planted_bug(where):
+    """``lap-pkcs11 sign`` (the rest of the argv) with a bug planted in place of
+    ``sign_command.<where>``: it raises RuntimeError('planted bug')."""
+    code = ("import sys\n"
+            "from lap_pkcs11.per_signature import sign_command\n"
+            "def planted(*args):\n"
+            "    raise RuntimeError('planted bug')\n"
+            f"sign_command.{where} = planted\n"
+            "from lap_pkcs11.entry import main\n"
+            "sys.argv = ['lap-pkcs11', 'sign', *sys.argv[1:]]\n"
+            "main()\n")
+    return [sys.executable, "-I", "-c", code]
+
+
 @pytest.mark.parametrize("stderr_closed", [False, True])
 def test_a_debug_traceback_goes_to_stderr_never_to_stdout(keyed, stderr_closed):
     """An internal error (a bug planted in the signer) with --debug: the traceback and
@@ -273,15 +291,7 @@ def test_a_debug_traceback_goes_to_stderr_never_to_stdout(keyed, stderr_closed):
     empty (the traceback once went through print(), to stdout, when sys.stderr was
     None)."""
     token, _ = keyed
-    code = ("import sys\n"
-            "from lap_pkcs11.per_signature import sign_command\n"
-            "def planted(*args):\n"
-            "    raise RuntimeError('planted bug')\n"
-            "sign_command.sign = planted\n"
-            "from lap_pkcs11.entry import main\n"
-            "sys.argv = ['lap-pkcs11', 'sign', '--debug', *sys.argv[1:]]\n"
-            "main()\n")
-    argv = [sys.executable, "-I", "-c", code, *token.args()]
+    argv = [*with_planted_bug("sign"), "--debug", *token.args()]
     if stderr_closed:
         argv = ["bash", "-c", 'exec 2>&-; exec "$@"', "bash", *argv]
     result = subprocess.run(argv, input=MESSAGE, env=token.env, cwd=token.home,
@@ -289,8 +299,7 @@ def test_a_debug_traceback_goes_to_stderr_never_to_stdout(keyed, stderr_closed):
     assert (result.returncode, result.stdout) == (70, b"")
     if not stderr_closed:
         assert b"RuntimeError: planted bug" in result.stderr
-        assert result.stderr.endswith(b"lap-pkcs11: SIGNING_FAILED: internal error "
-                                      b"(RuntimeError); rerun with --debug and report it\n")
+        assert result.stderr.endswith(INTERNAL_ERROR)
 
 
 @pytest.mark.parametrize("debug", [False, True])
@@ -298,21 +307,12 @@ def test_a_bug_while_reading_the_options_shows_a_traceback_only_with_debug(keyed
     """A bug planted in the option parser itself: --debug (seen before the parser ran)
     decides the traceback; the one line comes either way."""
     token, _ = keyed
-    code = ("import sys\n"
-            "from lap_pkcs11.per_signature import sign_command\n"
-            "def planted(*args):\n"
-            "    raise RuntimeError('planted bug')\n"
-            "sign_command.parse_args = planted\n"
-            "from lap_pkcs11.entry import main\n"
-            "sys.argv = ['lap-pkcs11', 'sign', *sys.argv[1:]]\n"
-            "main()\n")
-    argv = [sys.executable, "-I", "-c", code, *token.args(), *(["--debug"] if debug else [])]
+    argv = [*with_planted_bug("parse_args"), *token.args(), *(["--debug"] if debug else [])]
     result = subprocess.run(argv, input=MESSAGE, env=token.env, cwd=token.home,
                             capture_output=True, timeout=60)
     assert (result.returncode, result.stdout) == (70, b"")
     assert (b"RuntimeError: planted bug" in result.stderr) == debug, result.stderr
-    assert result.stderr.endswith(b"lap-pkcs11: SIGNING_FAILED: internal error "
-                                  b"(RuntimeError); rerun with --debug and report it\n")
+    assert result.stderr.endswith(INTERNAL_ERROR)
 
 
 def test_serve_help_on_a_full_stdout_is_one_line():
